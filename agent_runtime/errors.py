@@ -1,0 +1,146 @@
+"""The one exception tree of agent-runtime.
+
+Every error the runtime raises on purpose derives from :class:`AgentRuntimeError`.
+Third-party errors (faiss, redis, websockets, aiomqtt, opacus) are translated into
+this tree where each library is imported, with ``raise Ours(...) from exc``.
+
+::
+
+    AgentRuntimeError
+    ├── ConfigError                 invalid setting; names the setting and the value (fatal at start)
+    ├── CheckpointError             missing, corrupt or incompatible model checkpoint
+    ├── MemoryBankError             bank misuse or bank-level failure
+    │   ├── BankFormatError         torn, truncated, tampered or incompatible bank file
+    │   └── BankCapacityError       a write that can never fit (e.g. batch larger than capacity)
+    ├── StoreError                  session metadata store (Redis) unavailable or inconsistent
+    ├── PrivacyError                privacy configuration or accounting failure
+    │   └── BudgetExhaustedError    the session's privacy budget is spent
+    └── RequestError                recoverable, per-request; sent to the client as an ``error`` event
+        ├── ProtocolError           malformed, oversize or unknown frame
+        ├── SessionNotFoundError    no such session *for this tenant* (same error either way)
+        ├── ConflictError           e.g. a second active response on one session
+        ├── AuthenticationError     missing or invalid credentials
+        └── OverloadedError         a limit was hit; carries ``retry_after_ms``
+
+``RequestError`` subclasses carry a stable machine-readable ``code`` and keep the
+session open; everything else is an operator-facing failure.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentRuntimeError",
+    "AuthenticationError",
+    "BankCapacityError",
+    "BankFormatError",
+    "BudgetExhaustedError",
+    "CheckpointError",
+    "ConfigError",
+    "ConflictError",
+    "MemoryBankError",
+    "OverloadedError",
+    "PrivacyError",
+    "ProtocolError",
+    "RequestError",
+    "SessionNotFoundError",
+    "StoreError",
+]
+
+
+class AgentRuntimeError(Exception):
+    """Root of every error raised by agent-runtime."""
+
+
+class ConfigError(AgentRuntimeError):
+    """An invalid configuration value. The message names the setting and the value."""
+
+    def __init__(self, setting: str, value: object, reason: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid setting {setting}={value!r}: {reason}")
+
+
+class CheckpointError(AgentRuntimeError):
+    """A model checkpoint is missing, corrupt or incompatible with this code."""
+
+
+class MemoryBankError(AgentRuntimeError):
+    """A memory bank operation failed."""
+
+
+class BankFormatError(MemoryBankError):
+    """A bank snapshot or log is torn, truncated, tampered or of another format version."""
+
+
+class BankCapacityError(MemoryBankError):
+    """A write can never fit in the bank as configured."""
+
+
+class StoreError(AgentRuntimeError):
+    """The session metadata store failed."""
+
+
+class PrivacyError(AgentRuntimeError):
+    """Privacy configuration or accounting failed."""
+
+
+class BudgetExhaustedError(PrivacyError):
+    """The privacy budget of a session is spent; no more memories are written."""
+
+
+class RequestError(AgentRuntimeError):
+    """A recoverable, per-request error reported to the client as an ``error`` event.
+
+    Attributes:
+        code: stable machine-readable code (``invalid_frame``, ``unknown_event`` ...).
+        event_id: the ``event_id`` of the client event that caused it, if known.
+    """
+
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None, event_id: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.event_id = event_id
+        self.message = message
+
+
+class ProtocolError(RequestError):
+    """A malformed, oversize or unknown frame."""
+
+    code = "invalid_frame"
+
+
+class SessionNotFoundError(RequestError):
+    """No such session for the authenticated tenant (the same error whether it exists elsewhere or not)."""
+
+    type = "not_found_error"
+    code = "session_not_found"
+
+
+class ConflictError(RequestError):
+    """The request conflicts with the session's state (e.g. a response is already active)."""
+
+    type = "conflict_error"
+    code = "conflict"
+
+
+class AuthenticationError(RequestError):
+    """Missing or invalid credentials."""
+
+    type = "authentication_error"
+    code = "unauthenticated"
+
+
+class OverloadedError(RequestError):
+    """A server or tenant limit was hit; retry after ``retry_after_ms``."""
+
+    type = "overloaded_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_ms: int, event_id: str | None = None) -> None:
+        super().__init__(message, event_id=event_id)
+        self.retry_after_ms = retry_after_ms
