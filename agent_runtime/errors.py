@@ -100,7 +100,9 @@ class RequestError(AgentRuntimeError):
     type = "invalid_request_error"
     code = "invalid_request"
 
-    def __init__(self, message: str, *, code: str | None = None, event_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, event_id: str | None = None
+    ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code

@@ -1,30 +1,48 @@
 """A per-session kNN memory bank: keys, values and per-entry metadata behind a FAISS index.
 
-Invariant: row ``i`` of the FAISS index, of ``_keys``, of ``_values`` and of every metadata
-array describe the same entry, so a returned value always belongs to its returned key.
+Layout (see docs/memory.md): a :class:`~memory.storage.SlotStore` holds values and metadata
+by slot, a :class:`~memory.index.KeyIndex` holds keys with row ``s`` = slot ``s``. Evicted and
+pruned entries are marked dead in a bitmap that every search applies, and their slots are
+reused by the next adds, so no operation moves or re-indexes live entries and a returned value
+always belongs to its returned key. :class:`~memory.policy.MinQueue` finds the entries to
+evict or expire without scanning the bank.
+
+A bank is not thread-safe: use it from one thread at a time (different banks may be searched
+concurrently, as :func:`search_banks` does).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
-import faiss
 import numpy as np
 
 from agent_runtime.errors import BankCapacityError, MemoryBankError
 from memory.config import MemoryConfig
+from memory.index import FlatKeys, IVFKeys, KeyIndex
+from memory.persist import ADD, PRUNE, TOUCH, Cipher, LogWriter
+from memory.policy import MinQueue, expiry_keys, fifo_keys, importance_keys
+from memory.storage import SlotStore
 
 __all__ = ["BankStats", "MemoryBank", "SearchResult", "search_banks"]
 
 
 @dataclass
 class SearchResult:
-    """Top-k results for ``q`` queries; invalid slots have ``mask == False`` and ``ids == -1``."""
+    """Top-k results for ``q`` queries; invalid slots have ``mask == False`` and ``ids == -1``.
+
+    Valid results come first in each row, best score first; invalid ones have zero values
+    and scores.
+    """
 
     values: np.ndarray  # (q, k, value_dim) float32
-    scores: np.ndarray  # (q, k) float32, inner products
+    scores: np.ndarray  # (q, k) float32, inner products with the stored keys
     ids: np.ndarray  # (q, k) int64 stable entry ids
     mask: np.ndarray  # (q, k) bool
 
@@ -39,6 +57,15 @@ class BankStats:
     key_dim: int
     value_dim: int
     bytes: int
+    """Bytes held for the entries: key codes (and index overhead), values, metadata."""
+    index: str = "flat"
+    """``flat`` (exact) or ``ivf`` (approximate)."""
+    slots: int = 0
+    """Rows in the store and the index (live + free, reused before the store grows)."""
+    generation: int = 0
+    """Snapshot generation on disk (0: none yet, or not persistent)."""
+    log_bytes: int = 0
+    """Size of the append log since the last snapshot."""
 
 
 class MemoryBank:
@@ -52,84 +79,165 @@ class MemoryBank:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if key_dim < 1 or value_dim < 1:
+            raise MemoryBankError(f"dims must be >= 1, got key_dim={key_dim} value_dim={value_dim}")
         self.key_dim = key_dim
         self.value_dim = value_dim
-        self.config = config or MemoryConfig()
-        self.config.validate()
+        self.config = (config or MemoryConfig()).validate()
+        self.meta: dict[str, object] = {}
         self._clock = clock
-        self._index = faiss.IndexFlatIP(key_dim)
-        self._keys = np.empty((0, key_dim), np.float32)
-        self._values = np.empty((0, value_dim), np.float32)
-        self._ids = np.empty((0,), np.int64)
-        self._positions = np.empty((0,), np.int64)
-        self._written_at = np.empty((0,), np.float64)
+        self._last_time = -math.inf
         self._next_id = 0
         self._added_total = 0
         self._evicted_total = 0
         self._pruned_total = 0
+        value_dtype = np.dtype(np.float16 if self.config.value_storage == "fp16" else np.float32)
+        self._store = SlotStore(value_dim, value_dtype)
+        self._index: KeyIndex = FlatKeys(key_dim, self.config.flat_storage)
+        self._make_queues()
+        # persistence (set by memory.durable.open_bank)
+        self._dir: Path | None = None
+        self._cipher: Cipher | None = None
+        self._log: LogWriter | None = None
+        self._generation = 0
+        self._logged_meta = "{}"
+        self._closed = False
+
+    # -- construction helpers -------------------------------------------------------------------
+
+    def _make_queues(self) -> None:
+        c = self.config
+        key_fn = fifo_keys if c.eviction == "fifo" else importance_keys(c.importance_half_life_s)
+        self._evict_q = MinQueue(self._store, key_fn)
+        self._expire_q: MinQueue | None = None
+        if c.ttl_s > 0 or c.staleness_s > 0:
+            self._expire_q = MinQueue(self._store, expiry_keys(c.ttl_s, c.staleness_s, c.min_age_s))
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        key_dim: int,
+        value_dim: int,
+        config: MemoryConfig | None = None,
+        *,
+        cipher: Cipher | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> MemoryBank:
+        """Create or restore the bank stored in ``directory`` (snapshot + log replay).
+
+        Raises :class:`BankFormatError` for torn, tampered or incompatible files (other dims,
+        other key/value encodings, a missing cipher). ``add`` then appends to the log.
+        """
+        from memory.durable import open_bank
+
+        return open_bank(cls, Path(directory), key_dim, value_dim, config, cipher, clock)
+
+    # -- public operations ------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._ids.shape[0])
+        return self._store.live
 
-    def add(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
-        """Append entries (evicting the oldest at capacity); returns their stable ids."""
+    def add(
+        self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Store entries; returns their stable ids (consecutive, never reused).
+
+        At capacity the eviction policy first removes exactly the entries needed (expired
+        entries go first). With a directory, the entries are appended to the log; they are
+        durable after :meth:`sync`.
+        """
+        self._check_open()
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         values = np.ascontiguousarray(values, dtype=np.float32)
         if keys.ndim != 2 or keys.shape[1] != self.key_dim:
             raise MemoryBankError(f"keys must have shape (n, {self.key_dim}), got {keys.shape}")
-        if values.shape != (keys.shape[0], self.value_dim):
-            raise MemoryBankError(f"values must have shape ({keys.shape[0]}, {self.value_dim}), got {values.shape}")
         n = keys.shape[0]
+        if values.shape != (n, self.value_dim):
+            raise MemoryBankError(
+                f"values must have shape ({n}, {self.value_dim}), got {values.shape}"
+            )
         if n > self.config.capacity:
-            raise BankCapacityError(f"cannot add {n} entries to a bank of capacity {self.config.capacity}")
-        overflow = len(self) + n - self.config.capacity
-        if overflow > 0:
-            self._evict_oldest(overflow)
-        ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        self._next_id += n
+            raise BankCapacityError(
+                f"cannot add {n} entries to a bank of capacity {self.config.capacity}"
+            )
         if positions is None:
-            positions = ids
-        self._index.add(keys)
-        self._keys = np.concatenate([self._keys, keys])
-        self._values = np.concatenate([self._values, values])
-        self._ids = np.concatenate([self._ids, ids])
-        self._positions = np.concatenate([self._positions, np.asarray(positions, np.int64)])
-        self._written_at = np.concatenate([self._written_at, np.full(n, self._clock())])
-        self._added_total += n
-        return ids
+            positions = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        if positions.shape != (n,):
+            raise MemoryBankError(f"positions must have shape ({n},), got {positions.shape}")
+        if not (np.isfinite(keys).all() and np.isfinite(values).all()):
+            raise MemoryBankError("keys and values must be finite")
+        if n == 0:
+            return np.zeros(0, np.int64)
+        now = self._now()
+        if self._log is not None:
+            from memory.durable import encode_add
 
-    def _evict_oldest(self, m: int) -> None:
-        self._index.remove_ids(np.arange(m, dtype=np.int64))
-        self._keys = self._keys[m:]
-        self._values = self._values[m:]
-        self._ids = self._ids[m:]
-        self._positions = self._positions[m:]
-        self._written_at = self._written_at[m:]
-        self._evicted_total += m
+            self._log.append(ADD, encode_add(now, keys, values, positions))
+        return self._apply_add(now, keys, values, positions)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Top-``k`` entries by inner product for each query row."""
+        """Top-``k`` live entries by inner product for each query row.
+
+        Expired entries are pruned first, so they are never returned. Returned entries have
+        their retrieval time and mass updated (importance and staleness policies).
+        """
+        self._check_open()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.key_dim:
-            raise MemoryBankError(f"queries must have shape (q, {self.key_dim}), got {queries.shape}")
-        q = queries.shape[0]
-        if len(self) == 0 or q == 0:
+            raise MemoryBankError(
+                f"queries must have shape (q, {self.key_dim}), got {queries.shape}"
+            )
+        if k < 0:
+            raise MemoryBankError(f"k must be >= 0, got {k}")
+        now = self._now()
+        self._expire(now)
+        st = self._store
+        if st.live == 0 or k == 0 or queries.shape[0] == 0:
+            q = queries.shape[0]
             return SearchResult(
                 values=np.zeros((q, k, self.value_dim), np.float32),
                 scores=np.zeros((q, k), np.float32),
                 ids=np.full((q, k), -1, np.int64),
-                mask=np.zeros((q, k), bool),
+                mask=np.zeros((q, k), np.bool_),
             )
-        scores, rows = self._index.search(queries, k)
+        holes = st.live < self._index.ntotal
+        scores, rows = self._index.search(
+            queries,
+            k,
+            st.bitmap if holes else None,
+            st.alive if holes else None,
+            self.config.threads,
+        )
         mask = rows >= 0
         safe = np.where(mask, rows, 0)
-        values = self._values[safe]
+        # the selector already excludes dead rows; this makes it an invariant
+        mask &= st.alive[safe]
+        values = st.values[safe].astype(np.float32, copy=False)
         values[~mask] = 0.0
-        ids = np.where(mask, self._ids[safe], -1)
+        ids = np.where(mask, st.ids[safe], -1)
         scores = np.where(mask, scores, 0.0).astype(np.float32)
+        touched, counts = np.unique(rows[mask], return_counts=True)
+        if touched.shape[0]:
+            weights = counts.astype(np.float64)
+            if self._log is not None:
+                from memory.durable import encode_touch
+
+                self._log.append(TOUCH, encode_touch(now, touched, st.ids[touched], weights))
+            self._apply_touch(now, touched, weights)
         return SearchResult(values=values, scores=scores, ids=ids, mask=mask)
 
+    def prune(self, now: float | None = None) -> int:
+        """Remove entries past their TTL or stale; returns how many were removed.
+
+        Search prunes on its own, so calling this only reclaims storage earlier.
+        """
+        self._check_open()
+        return self._expire(self._now() if now is None else float(now))
+
     def stats(self) -> BankStats:
+        st = self._store
         return BankStats(
             entries=len(self),
             capacity=self.config.capacity,
@@ -138,19 +246,185 @@ class MemoryBank:
             pruned_total=self._pruned_total,
             key_dim=self.key_dim,
             value_dim=self.value_dim,
-            bytes=int(self._keys.nbytes + self._values.nbytes + self._ids.nbytes * 3),
+            bytes=st.nbytes() + self._index.nbytes(),
+            index=self._index.kind,
+            slots=st.hwm,
+            generation=self._generation,
+            log_bytes=self._log.size() if self._log is not None else 0,
         )
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of live entries by id (for tests and export)."""
-        rows = np.searchsorted(self._ids, ids)
-        if np.any(rows >= len(self)) or np.any(self._ids[np.minimum(rows, len(self) - 1)] != ids):
+        """Stored keys (decoded to float32) and values of live entries by id (tests, export)."""
+        slots = self._slots_of(np.asarray(ids, np.int64).reshape(-1))
+        return self._index.reconstruct(slots), self._store.values[slots].astype(np.float32)
+
+    def live_ids(self) -> np.ndarray:
+        """Ids of all live entries, ascending."""
+        return np.sort(self._store.ids[self._store.live_slots()])
+
+    # -- durability (no-ops without a directory) --------------------------------------------------
+
+    def sync(self) -> None:
+        """Make every add (and ``meta``) so far durable: it survives a crash or kill -9."""
+        self._check_open()
+        if self._log is not None:
+            from memory.durable import log_meta
+
+            log_meta(self)
+            self._log.sync()
+
+    def snapshot(self) -> None:
+        """Write a new generation atomically, then start an empty log and drop the old one."""
+        self._check_open()
+        if self._dir is not None:
+            from memory.durable import write_generation
+
+            write_generation(self)
+
+    def close(self) -> None:
+        """Sync and release files. Idempotent; the bank is unusable afterwards."""
+        if self._closed:
+            return
+        try:
+            if self._log is not None:
+                self.sync()
+        finally:
+            self._closed = True
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    def __enter__(self) -> MemoryBank:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals (also used by log replay) ------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MemoryBankError("bank is closed")
+
+    def _now(self) -> float:
+        # A bank's clock never goes backwards, so TTL expiry follows insertion order.
+        self._last_time = max(self._last_time, float(self._clock()))
+        return self._last_time
+
+    def _apply_add(
+        self, now: float, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
+    ) -> np.ndarray:
+        n = keys.shape[0]
+        self._last_time = max(self._last_time, now)
+        st = self._store
+        overflow = st.live + n - self.config.capacity
+        if overflow > 0:
+            overflow -= self._expire(now, log=False)  # replaying this add repeats it
+        if overflow > 0:
+            self._evicted_total += self._evict_q.pop_smallest(overflow, st.release)
+        slots, n_new = st.allocate(n)
+        reuse = n - n_new
+        if reuse:
+            self._index.overwrite(slots[:reuse], keys[:reuse])
+        if n_new:
+            if self._index.ntotal != int(slots[reuse]):
+                raise MemoryBankError("key index and slot store are out of step")
+            self._index.append(keys[reuse:])
+        ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        self._next_id += n
+        self._added_total += n
+        st.occupy(slots, values, ids, positions, now, self.config.importance_initial_mass)
+        self._evict_q.note(slots)
+        if self._expire_q is not None:
+            self._expire_q.note(slots)
+        if self._wants_ivf():
+            self._switch_to_ivf()
+        return ids
+
+    def _apply_touch(self, now: float, slots: np.ndarray, weights: np.ndarray) -> None:
+        st = self._store
+        decay = np.exp2(-(now - st.retrieved_at[slots]) / self.config.importance_half_life_s)
+        st.mass[slots] = st.mass[slots] * decay + weights
+        st.retrieved_at[slots] = now
+        if self.config.eviction == "importance":
+            self._evict_q.note(slots)
+        if self._expire_q is not None and self.config.staleness_s > 0:
+            self._expire_q.note(slots)
+
+    def _expire(self, now: float, *, log: bool = True) -> int:
+        if self._expire_q is None or self._store.live == 0:
+            return 0
+        n = self._expire_q.pop_below(now, self._store.release)
+        if n:
+            self._pruned_total += n
+            if log and self._log is not None:
+                from memory.durable import encode_prune
+
+                self._log.append(PRUNE, encode_prune(now))
+        return n
+
+    def _wants_ivf(self) -> bool:
+        return (
+            self.config.index in ("auto", "ivf")
+            and self._index.kind == "flat"
+            and self._store.live >= self.config.ann_threshold
+        )
+
+    def _switch_to_ivf(self) -> None:
+        """Move every row into a new IVF index trained on a sample of the live stored keys."""
+        c = self.config
+        st = self._store
+        all_keys = self._index.reconstruct(np.arange(st.hwm, dtype=np.int64))
+        live = st.live_slots()
+        nlist = c.nlist()
+        step = max(1, live.shape[0] // (64 * nlist))
+        sample = np.ascontiguousarray(all_keys[live[::step]])
+        ivf = IVFKeys.train(self.key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
+        ivf.append(all_keys)
+        self._index = ivf
+
+    def _slots_of(self, ids: np.ndarray) -> np.ndarray:
+        live = self._store.live_slots()
+        live_ids = self._store.ids[live]
+        order = np.argsort(live_ids)
+        pos = np.searchsorted(live_ids, ids, sorter=order)
+        pos = np.minimum(pos, max(live.shape[0] - 1, 0))
+        if live.shape[0] == 0 or np.any(live_ids[order[pos]] != ids):
             raise MemoryBankError("unknown or evicted entry id")
-        return self._keys[rows], self._values[rows]
+        return live[order[pos]]
 
 
-def search_banks(banks: Sequence[MemoryBank], queries: Sequence[np.ndarray], k: int) -> list[SearchResult]:
-    """Search many sessions' banks in one step (one result per bank)."""
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _search_group(
+    banks: Sequence[MemoryBank], queries: Sequence[np.ndarray], k: int
+) -> list[SearchResult]:
+    return [bank.search(q, k) for bank, q in zip(banks, queries, strict=True)]
+
+
+def search_banks(
+    banks: Sequence[MemoryBank], queries: Sequence[np.ndarray], k: int
+) -> list[SearchResult]:
+    """Search many sessions' banks in one step (one result per bank, in order).
+
+    With ``config.threads`` > 1 (of the first bank) the banks are split into that many
+    contiguous groups searched in parallel: FAISS releases the GIL while scanning, and each
+    scan runs single-threaded, so the threads never oversubscribe the cores.
+    """
+    global _pool, _pool_size
     if len(banks) != len(queries):
         raise MemoryBankError("one query block per bank")
-    return [bank.search(q, k) for bank, q in zip(banks, queries, strict=True)]
+    threads = min(banks[0].config.threads, len(banks)) if banks else 1
+    if threads <= 1:
+        return _search_group(banks, queries, k)
+    if _pool is None or _pool_size < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memory-search")
+        _pool_size = threads
+    bounds = np.linspace(0, len(banks), threads + 1).astype(int)
+    futures = [
+        _pool.submit(_search_group, banks[a:b], queries[a:b], k)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return [res for f in futures for res in f.result()]

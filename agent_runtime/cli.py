@@ -1,0 +1,117 @@
+"""Command line: ``agent-runtime serve|bench|config`` (also ``python -m agent_runtime``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from agent_runtime import __version__
+from agent_runtime.config import RuntimeConfig, add_arguments, load_config, markdown_table
+from agent_runtime.errors import AgentRuntimeError
+
+log = logging.getLogger("agent_runtime")
+
+BUNDLED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "chat.pt"
+
+
+def load_model(config: RuntimeConfig):  # type: ignore[no-untyped-def]
+    """The configured checkpoint, else the bundled one, else (with a warning) an untrained model."""
+    import torch
+
+    from agent_runtime.model import MemorizingTransformer, ModelConfig, load_checkpoint
+
+    if config.engine.torch_threads:
+        torch.set_num_threads(config.engine.torch_threads)
+    path = Path(config.engine.checkpoint) if config.engine.checkpoint else BUNDLED_CHECKPOINT
+    if path.is_file():
+        model, _extra = load_checkpoint(path, config.engine.device)
+        log.info(
+            "model %s loaded from %s (%d parameters)",
+            model.cfg.fingerprint(),
+            path,
+            model.num_params(),
+        )
+        return model
+    log.warning("no checkpoint at %s: serving an UNTRAINED model (replies are noise)", path)
+    torch.manual_seed(config.engine.seed)
+    return MemorizingTransformer(ModelConfig()).to(config.engine.device).eval()
+
+
+async def _serve(config: RuntimeConfig) -> None:
+    from server.app import Server
+
+    model = load_model(config)
+    started = time.perf_counter()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with Server(config, model) as server:
+        print(
+            f"agent-runtime {__version__} ready in {time.perf_counter() - started:.1f}s: "
+            f"ws://{config.server.host}:{server.port}/v1/realtime  (web page http://{config.server.host}:{server.port}/)",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("shutting down")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="agent-runtime", description="Memorizing Transformer chat runtime"
+    )
+    parser.add_argument("--version", action="version", version=f"agent-runtime {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the websocket chat server")
+    add_arguments(serve)
+
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench.add_argument("suite", choices=["memory"], help="which benchmark")
+    bench.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)"
+    )
+
+    cfg = sub.add_parser(
+        "config", help="print the effective configuration or the settings reference"
+    )
+    add_arguments(cfg)
+    cfg.add_argument(
+        "--markdown", action="store_true", help="print the settings reference as a Markdown table"
+    )
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(load_config(args)))
+        elif args.command == "bench":
+            if args.suite == "memory":
+                from memory.bench import main as bench_memory
+
+                return int(bench_memory(args.rest))
+        elif args.command == "config":
+            if args.markdown:
+                print(markdown_table())
+            else:
+                import json
+
+                from agent_runtime.config import redacted
+
+                print(json.dumps(redacted(load_config(args)), indent=2))
+    except AgentRuntimeError as exc:
+        print(f"agent-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

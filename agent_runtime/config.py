@@ -1,0 +1,390 @@
+"""Runtime configuration: one documented dataclass per component, composed into :class:`RuntimeConfig`.
+
+Every field is settable four ways, with precedence CLI > environment > TOML file > default:
+
+* CLI flag ``--<section>-<field>`` (``--host``/``--port``/``--data-dir``... for the server and
+  store sections, which have no prefix), dashes for underscores;
+* env var ``AGENT_RUNTIME_<SECTION>_<FIELD>`` (``AGENT_RUNTIME_<FIELD>`` without prefix);
+* a TOML file (``--config PATH`` or ``AGENT_RUNTIME_CONFIG``) with one table per section;
+* the dataclass default, documented by the string literal under each field.
+
+Invalid values fail at start with :class:`~agent_runtime.errors.ConfigError` naming the setting
+and the value. Fields marked secret are redacted by :func:`redacted`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import itertools
+import os
+import textwrap
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
+
+from agent_runtime.errors import ConfigError
+from memory.config import MemoryConfig
+
+__all__ = [
+    "EngineConfig",
+    "GenerationConfig",
+    "PrivacyConfig",
+    "RuntimeConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "add_arguments",
+    "field_docs",
+    "load_config",
+    "redacted",
+]
+
+ENV_PREFIX = "AGENT_RUNTIME_"
+
+
+@dataclass
+class ServerConfig:
+    """The websocket/HTTP server."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind. Loopback by default; binding elsewhere requires tenant authentication."""
+    port: int = 8765
+    """TCP port (0 picks a free one)."""
+    max_frame_bytes: int = 1_048_576
+    """Largest accepted websocket frame; bigger frames get an ``invalid_frame`` error."""
+    max_message_chars: int = 32_768
+    """Largest accepted text of one conversation item."""
+    max_sessions: int = 1024
+    """Live sessions per server; past it ``session.create`` gets ``overloaded``."""
+    shutdown_timeout_s: float = 10.0
+    """On SIGTERM/SIGINT, how long active responses may drain before they are cut."""
+
+    def validate(self) -> None:
+        if not self.host:
+            raise ConfigError("server.host", self.host, "must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("server.port", self.port, "must be in 0..65535")
+        _positive("server.max_frame_bytes", self.max_frame_bytes)
+        _positive("server.max_message_chars", self.max_message_chars)
+        _positive("server.max_sessions", self.max_sessions)
+        _non_negative("server.shutdown_timeout_s", self.shutdown_timeout_s)
+
+
+@dataclass
+class StoreConfig:
+    """Where data lives: the data directory and the session metadata store (Redis)."""
+
+    data_dir: str = "./agent-runtime-data"
+    """Directory holding bank snapshots, logs and the embedded Redis database."""
+    redis_url: str = field(default="", metadata={"secret": True})
+    """External Redis URL (``redis://[:password@]host:port/db``); empty starts an embedded Redis in the data dir."""
+    session_ttl_s: float = 7 * 24 * 3600.0
+    """Sliding TTL of a session's metadata in Redis, refreshed on every activity."""
+    key_prefix: str = "agent-runtime"
+    """Prefix of every Redis key, so several deployments can share one Redis."""
+
+    def validate(self) -> None:
+        if not self.data_dir:
+            raise ConfigError("store.data_dir", self.data_dir, "must not be empty")
+        if self.redis_url:
+            scheme = urlsplit(self.redis_url).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ConfigError(
+                    "store.redis_url",
+                    redact_url(self.redis_url),
+                    "scheme must be redis://, rediss:// or unix://",
+                )
+        _positive("store.session_ttl_s", self.session_ttl_s)
+        if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
+            raise ConfigError(
+                "store.key_prefix", self.key_prefix, "must be non-empty without whitespace"
+            )
+
+
+@dataclass
+class EngineConfig:
+    """The inference engine: model checkpoint, device, batching."""
+
+    checkpoint: str = ""
+    """Model checkpoint path; empty uses the checkpoint bundled with the package."""
+    device: str = "cpu"
+    """Torch device for the model (``cpu``, ``cuda``, ``cuda:1``)."""
+    max_batch: int = 32
+    """Most sessions decoded together in one model step (continuous batching)."""
+    max_queue: int = 256
+    """Most responses waiting for a batch slot; past it ``response.create`` gets ``overloaded``."""
+    torch_threads: int = 0
+    """Intra-op threads for torch (0 keeps torch's default)."""
+    seed: int = 0
+    """Seed for weight initialisation when no checkpoint exists and for default sampling."""
+
+    def validate(self) -> None:
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("engine.device", self.device, "must be cpu or cuda[:N]")
+        _positive("engine.max_batch", self.max_batch)
+        _positive("engine.max_queue", self.max_queue)
+        _non_negative("engine.torch_threads", self.torch_threads)
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise ConfigError("engine.checkpoint", self.checkpoint, "no such file")
+
+
+@dataclass
+class GenerationConfig:
+    """Default sampling parameters of a response (a ``response.create`` may override them)."""
+
+    max_tokens: int = 256
+    """Most tokens (bytes) generated in one response."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold in (0, 1]."""
+
+    def validate(self) -> None:
+        _positive("generation.max_tokens", self.max_tokens)
+        _non_negative("generation.temperature", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("generation.top_p", self.top_p, "must be in (0, 1]")
+
+
+@dataclass
+class PrivacyConfig:
+    """Differentially private noising of stored memory keys (off by default)."""
+
+    noise_sigma: float = 0.0
+    """Noise multiplier sigma: stored keys get N(0, (sigma*C)^2) noise after clipping (0 disables)."""
+    clip_norm: float = 1.0
+    """L2 clipping bound C of each token's key before noise."""
+    delta: float = 1e-6
+    """The delta at which epsilon is reported."""
+    accountant: str = "rdp"
+    """Opacus accountant used by the ledger: ``rdp`` or ``prv``."""
+
+    def validate(self) -> None:
+        _non_negative("privacy.noise_sigma", self.noise_sigma)
+        _positive("privacy.clip_norm", self.clip_norm)
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError("privacy.delta", self.delta, "must be in (0, 1)")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError("privacy.accountant", self.accountant, "must be rdp or prv")
+
+
+@dataclass
+class RuntimeConfig:
+    """The whole runtime's configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def validate(self) -> RuntimeConfig:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        return self
+
+
+SECTIONS = ("server", "store", "engine", "generation", "memory", "privacy")
+# Sections whose flags and env vars carry no prefix (``--port``, ``AGENT_RUNTIME_PORT``).
+UNPREFIXED = ("server", "store")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(name, value, "must be > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(name, value, "must be >= 0")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass, by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for stmt, nxt in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _sections() -> list[tuple[str, type]]:
+    hints = get_type_hints(RuntimeConfig)
+    return [(name, hints[name]) for name in SECTIONS]
+
+
+def _scalar_type(cls: type, name: str) -> type:
+    hint = get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields today
+        hint = next(t for t in hint.__args__ if t is not type(None))
+    if hint not in (int, float, str, bool):
+        raise TypeError(f"{cls.__name__}.{name}: unsupported config type {hint}")
+    return hint  # type: ignore[no-any-return]
+
+
+def setting_names(section: str, name: str) -> tuple[str, str]:
+    """The CLI flag and env var of one setting."""
+    stem = name if section in UNPREFIXED else f"{section}_{name}"
+    return "--" + stem.replace("_", "-"), ENV_PREFIX + stem.upper()
+
+
+def _coerce(setting: str, kind: type, raw: object) -> object:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(setting, raw, "must be a boolean (true/false)")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise ConfigError(setting, raw, "must be an integer")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw).replace("_", ""))
+        except ValueError:
+            raise ConfigError(setting, raw, "must be an integer") from None
+    if kind is float:
+        if isinstance(raw, bool):
+            raise ConfigError(setting, raw, "must be a number")
+        if isinstance(raw, int | float):
+            return float(raw)
+        try:
+            return float(str(raw))
+        except ValueError:
+            raise ConfigError(setting, raw, "must be a number") from None
+    if not isinstance(raw, str):
+        raise ConfigError(setting, raw, "must be a string")
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting to ``parser`` (defaults stay unset: None)."""
+    parser.add_argument(
+        "--config", metavar="PATH", default=None, help="TOML config file (env AGENT_RUNTIME_CONFIG)"
+    )
+    for section, cls in _sections():
+        group = parser.add_argument_group(f"{section} settings")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag, env = setting_names(section, f.name)
+            kind = _scalar_type(cls, f.name)
+            default = "(secret)" if f.metadata.get("secret") else repr(f.default)
+            group.add_argument(
+                flag,
+                dest=f"{section}.{f.name}",
+                default=None,
+                metavar=kind.__name__.upper(),
+                help=f"{docs.get(f.name, '')} [env {env}; default {default}]",
+            )
+
+
+def load_config(
+    args: argparse.Namespace | None = None,
+    env: dict[str, str] | None = None,
+    config_file: str | None = None,
+) -> RuntimeConfig:
+    """Build and validate the runtime config with precedence CLI > env > file > defaults."""
+    env = dict(os.environ) if env is None else env
+    cli = vars(args) if args is not None else {}
+    path = cli.get("config") or config_file or env.get(ENV_PREFIX + "CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                file_values = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("config", path, "no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", path, f"invalid TOML: {exc}") from None
+        unknown = set(file_values) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(
+                "config", path, f"unknown section(s) {sorted(unknown)}; expected {list(SECTIONS)}"
+            )
+
+    sections: dict[str, Any] = {}
+    for section, cls in _sections():
+        table = file_values.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, table, "must be a TOML table")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in table:
+            if key not in names:
+                raise ConfigError(
+                    f"{section}.{key}", table[key], f"unknown setting (known: {sorted(names)})"
+                )
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            _flag, env_name = setting_names(section, f.name)
+            kind = _scalar_type(cls, f.name)
+            setting = f"{section}.{f.name}"
+            if cli.get(setting) is not None:
+                values[f.name] = _coerce(setting, kind, cli[setting])
+            elif env_name in env:
+                values[f.name] = _coerce(setting, kind, env[env_name])
+            elif f.name in table:
+                values[f.name] = _coerce(setting, kind, table[f.name])
+        sections[section] = cls(**values)
+    return RuntimeConfig(**sections).validate()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+def redacted(config: RuntimeConfig) -> dict[str, dict[str, object]]:
+    """The effective config as plain dicts, secrets redacted (safe to log)."""
+    out: dict[str, dict[str, object]] = {}
+    for section, cls in _sections():
+        obj = getattr(config, section)
+        table: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            if f.metadata.get("secret") and value:
+                value = redact_url(value) if isinstance(value, str) and "://" in value else "***"
+            table[f.name] = value
+        out[section] = table
+    return out
+
+
+def markdown_table() -> str:
+    """The configuration reference as a Markdown table (used for the README)."""
+    rows = ["| setting | CLI flag | env var | default | meaning |", "|---|---|---|---|---|"]
+    for section, cls in _sections():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag, env = setting_names(section, f.name)
+            default = "" if f.metadata.get("secret") else f.default
+            rows.append(
+                f"| `{section}.{f.name}` | `{flag}` | `{env}` | `{default!r}` | {docs.get(f.name, '')} |"
+            )
+    return "\n".join(rows)

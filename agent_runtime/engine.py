@@ -1,0 +1,368 @@
+"""The inference engine: an asyncio front end, one worker thread running the model.
+
+``Engine.generate`` admits a request (or raises ``OverloadedError``/``ConflictError`` at once),
+and returns an :class:`OutputCollector` the caller awaits for text deltas and the final result.
+The worker thread loops: drain the inbox (work submitted from the event loop), ask the
+scheduler for a batch, prefill at most one new request and decode one token for every running
+request in one batched forward (memory searches of all rows batched too), then hand outputs to
+the event loop with ``call_soon_threadsafe``. The event loop never runs model or FAISS work.
+
+A collector holds at most one pending delta: when the consumer falls behind, new text is merged
+into it, so a slow client costs memory proportional to its unread text and never stalls a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from agent_runtime.errors import AgentRuntimeError
+from agent_runtime.generation import GenerationState, SamplingParams, decode_step, prefill, sample
+from agent_runtime.model import MemorizingTransformer
+from agent_runtime.scheduler import Request, Scheduler
+from agent_runtime.tokenizer import END, Utf8Stream
+from memory import MemoryBank
+
+__all__ = ["Engine", "Generation", "OutputCollector", "ResponseResult"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ResponseResult:
+    status: str  # completed | cancelled | incomplete | failed
+    reason: str  # stop | length | end | cancelled | error
+    input_tokens: int
+    output_tokens: int
+    memory_retrieved: int
+    memory_written: int
+    error: str | None = None
+
+
+class OutputCollector:
+    """Single-slot, coalescing hand-off of one response's output to its consumer (event loop side)."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._result: ResponseResult | None = None
+        self._event = asyncio.Event()
+        self.first_token_at: float | None = None
+
+    def push(self, text: str, result: ResponseResult | None) -> None:
+        if text:
+            self._text += text
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+        if result is not None:
+            self._result = result
+        self._event.set()
+
+    async def get(self) -> tuple[str, ResponseResult | None]:
+        """Wait for output; returns all text since the last call and the result once finished."""
+        await self._event.wait()
+        self._event.clear()
+        text, self._text = self._text, ""
+        return text, self._result
+
+
+@dataclass(eq=False)
+class Generation:
+    """What the runner needs for one response (the scheduler's request payload)."""
+
+    state: GenerationState
+    bank: MemoryBank | None
+    prompt: list[int]
+    params: SamplingParams
+    collector: OutputCollector
+    loop: asyncio.AbstractEventLoop
+    commit_on_cancel: bool = False
+    on_finish: Callable[[ResponseResult], None] | None = None
+    generator: torch.Generator | None = None
+    last_token: int = -1
+    stream: Utf8Stream = field(default_factory=Utf8Stream)
+    text: str = ""  # generated text, for stop sequences
+    emitted: int = 0  # characters of ``text`` already handed to the collector
+    retrieved: int = 0
+    written_at_start: int = 0
+    checkpoint: GenerationState | None = None
+    bank_ids: list[Any] = field(default_factory=list)
+
+
+class Engine:
+    """Owns the model, the scheduler and the worker thread. ``async with Engine(...) as engine``."""
+
+    def __init__(
+        self, model: MemorizingTransformer, *, max_batch: int = 32, max_queue: int = 256
+    ) -> None:
+        self.model = model
+        self.scheduler = Scheduler(max_batch, max_queue)
+        self._lock = threading.Lock()  # guards the scheduler between loop and worker threads
+        self._cv = threading.Condition(self._lock)
+        self._inbox: list[Callable[[], None]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.batching = True
+        self._reply_mask = torch.full(
+            (model.cfg.vocab_size,), float("-inf"), device=next(model.parameters()).device
+        )
+        self._reply_mask[:256] = 0.0
+        self._reply_mask[END] = 0.0
+        self.steps = 0
+        self.tokens_generated = 0
+
+    async def __aenter__(self) -> Engine:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="agent-runtime-engine", daemon=True
+            )
+            self._thread.start()
+
+    async def aclose(self) -> None:
+        """Stop the worker after its current step (idempotent); unfinished requests fail."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+
+    # -- event-loop side ------------------------------------------------------------------------
+
+    def generate(self, request_id: str, session_key: str, gen: Generation) -> None:
+        """Admit a response; raises OverloadedError/ConflictError synchronously."""
+        req = Request(request_id, session_key, gen)
+        with self._cv:
+            if self._stopping:
+                raise AgentRuntimeError("engine is shutting down")
+            self.scheduler.add(req)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> bool:
+        with self._cv:
+            found = self.scheduler.abort(request_id) is not None
+            self._cv.notify()
+        return found
+
+    def active(self, session_key: str) -> Request | None:
+        with self._lock:
+            return self.scheduler.active(session_key)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self._lock:
+            return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker thread between steps (for anything touching banks or states)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        with self._cv:
+            if self._thread is None:
+                raise AgentRuntimeError("engine is not running")
+            self._inbox.append(job)
+            self._cv.notify()
+        return await fut
+
+    # -- worker thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._inbox and not len(self.scheduler) and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    pending = [*self.scheduler.waiting, *self.scheduler.running]
+                    break
+                inbox, self._inbox = self._inbox, []
+            for job in inbox:
+                job()
+            with self._lock:
+                batch = self.scheduler.schedule()
+            for req in batch.dropped:
+                self._deliver(req, "", self._result(req, "cancelled"))
+            try:
+                self._step(batch.prefill, batch.decode)
+            except Exception as exc:  # a bug or a bank failure: fail these requests, keep serving
+                log.exception("engine step failed")
+                for req in ([batch.prefill] if batch.prefill else []) + batch.decode:
+                    self._finish(req, "error", error=str(exc))
+        for req in pending:
+            self._finish(req, "error", error="server shutting down")
+        for job in self._inbox:
+            job()
+
+    def _step(self, new: Request | None, running: list[Request]) -> None:
+        rows: list[Request] = []
+        for req in running:
+            if req.abort_requested:
+                self._close(req, cancelled=True)
+            else:
+                rows.append(req)
+        if new is not None:
+            g: Generation = new.payload
+            g.written_at_start = g.state.written
+            logits = prefill(self.model, g.state, g.prompt, g.bank)
+            g.checkpoint = _clone_state(g.state)
+            assert logits is not None
+            self._accept(new, self._sample(logits, g))
+        if not rows:
+            return
+        groups = [rows] if self.batching else [[r] for r in rows]
+        for group in groups:
+            gens: list[Generation] = [r.payload for r in group]
+            logits, retrieved = decode_step(
+                self.model,
+                [g.state for g in gens],
+                [g.last_token for g in gens],
+                [g.bank for g in gens],
+            )
+            self.steps += 1
+            for req, g, row, n in zip(group, gens, logits, retrieved, strict=True):
+                g.retrieved += n
+                self._accept(req, self._sample(row, g))
+
+    def _sample(self, logits: torch.Tensor, g: Generation) -> int:
+        # A reply may contain bytes and END, never another role token.
+        return sample(logits + self._reply_mask, g.params, g.generator)
+
+    def _accept(self, req: Request, token: int) -> None:
+        """Record a sampled token: stream its text, or close the response."""
+        g: Generation = req.payload
+        if req.abort_requested:
+            self._close(req, cancelled=True)
+            return
+        if token == END:
+            req.output_tokens.append(token)
+            g.last_token = token
+            self._close(req, reason="end")
+            return
+        req.output_tokens.append(token)
+        self.tokens_generated += 1
+        g.last_token = token
+        g.text += g.stream.push(token)
+        stop_at = _find_stop(g.text, g.params.stop)
+        if stop_at is not None:
+            g.text = g.text[:stop_at]
+            self._flush_text(req, final=True)
+            self._close(req, reason="stop")
+        elif len(req.output_tokens) >= g.params.max_tokens:
+            g.text += g.stream.flush()
+            self._flush_text(req, final=True)
+            self._close(req, reason="length")
+        else:
+            self._flush_text(req, final=False)
+
+    def _flush_text(self, req: Request, *, final: bool) -> None:
+        g: Generation = req.payload
+        end = len(g.text) if final else len(g.text) - _held_back(g.text, g.params.stop)
+        if end > g.emitted:
+            self._deliver(req, g.text[g.emitted : end], None)
+            g.emitted = end
+
+    def _close(self, req: Request, *, reason: str = "cancelled", cancelled: bool = False) -> None:
+        """Feed the response's last token and END into the session so the next turn is well-formed.
+
+        A cancelled response is rolled back to the end of its prompt (memory entries written by it
+        are removed) unless the client asked to commit it.
+        """
+        g: Generation = req.payload
+        tail = [g.last_token] if g.last_token >= 0 else []
+        if cancelled and not g.commit_on_cancel and g.checkpoint is not None:
+            new_ids = g.state.written - g.checkpoint.written
+            if new_ids and g.bank is not None and hasattr(g.bank, "remove_last"):
+                g.bank.remove_last(new_ids)
+            g.state.__dict__.update(g.checkpoint.__dict__)
+            tail = []
+        prefill(self.model, g.state, [*tail, END] if tail[-1:] != [END] else tail, g.bank)
+        self._finish(req, "cancelled" if cancelled else reason)
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        with self._lock:
+            self.scheduler.finish(req, reason)
+        self._deliver(req, "", self._result(req, reason, error))
+
+    def _result(self, req: Request, reason: str, error: str | None = None) -> ResponseResult:
+        g: Generation = req.payload
+        status = {
+            "end": "completed",
+            "stop": "completed",
+            "length": "incomplete",
+            "cancelled": "cancelled",
+        }.get(reason, "failed")
+        result = ResponseResult(
+            status=status,
+            reason=reason,
+            input_tokens=len(g.prompt),
+            output_tokens=len([t for t in req.output_tokens if t != END]),
+            memory_retrieved=g.retrieved,
+            memory_written=g.state.written - g.written_at_start,
+            error=error,
+        )
+        if g.on_finish is not None:
+            g.on_finish(result)
+        return result
+
+    def _deliver(self, req: Request, text: str, result: ResponseResult | None) -> None:
+        g: Generation = req.payload
+        g.loop.call_soon_threadsafe(g.collector.push, text, result)
+
+
+def _clone_state(state: GenerationState) -> GenerationState:
+    # Cache tensors are never mutated in place (each step concatenates new ones), so a shallow
+    # copy with fresh pending lists is a full checkpoint.
+    clone = copy.copy(state)
+    clone.pending_keys = list(state.pending_keys)
+    clone.pending_values = list(state.pending_values)
+    return clone
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` that could begin a stop sequence (not streamed yet)."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+def _set_result(fut: asyncio.Future[T], value: T) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

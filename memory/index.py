@@ -1,0 +1,294 @@
+"""Key indexes over slot rows: exact (flat) for small banks, IVF for large ones.
+
+Row ``s`` of an index is the key of slot ``s`` of the :class:`~memory.storage.SlotStore`.
+New slots are appended; a reused slot is overwritten in place (flat: the code bytes; IVF:
+``update_vectors`` through an array direct map, O(1) per entry). Dead rows stay in the index
+and are filtered with a bitmap selector until reused, so eviction never calls ``remove_ids``.
+
+Threading (the machine has few cores, shared with the model): FAISS's OpenMP pool is pinned
+to one thread for every single-query and small-batch call (measured: a second thread makes
+a single flat query 2-3x slower) and raised to ``threads`` only for large IVF batches. Large
+exact batches use numpy's BLAS instead (:func:`_exact_batched`); FAISS then runs no parallel
+region, so the two pools never run at the same time.
+
+This module (and the benchmark) is where faiss is imported; its errors become
+:class:`MemoryBankError` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import faiss as _faiss_typed
+import numpy as np
+
+from agent_runtime.errors import BankFormatError, MemoryBankError
+
+__all__ = ["FlatKeys", "IVFKeys", "KeyIndex", "load_index"]
+
+# faiss ships partial stubs that miss SearchParameters keywords and DirectMap; use it untyped.
+faiss: Any = _faiss_typed
+
+BATCH_EXACT_MIN_QUERIES = 16  # below this, FAISS's single-query scan is at the bandwidth bound
+BATCH_EXACT_MIN_ROWS = 16384
+_BLOCK = 8192  # rows per GEMM block in the batched exact path: (q, 8192) scores stay in cache
+_SQ = {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit}
+_IP = faiss.METRIC_INNER_PRODUCT
+
+
+def _omp(threads: int) -> None:
+    faiss.omp_set_num_threads(threads)
+
+
+def _empty(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
+
+
+class KeyIndex:
+    """Common interface of :class:`FlatKeys` and :class:`IVFKeys`."""
+
+    kind = ""
+    index: Any
+
+    def __init__(self, dim: int, storage: str) -> None:
+        self.dim = dim
+        self.storage = storage
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def append(self, keys: np.ndarray) -> None:
+        """Add rows ``ntotal .. ntotal+n-1``."""
+        try:
+            self.index.add(keys)
+        except RuntimeError as exc:
+            raise MemoryBankError(f"faiss add failed: {exc}") from exc
+
+    def overwrite(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        """Stored keys of ``rows`` decoded to float32 (exact for fp32 storage)."""
+        raise NotImplementedError
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        alive: np.ndarray | None,
+        threads: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows by inner product: ``(scores (q,k) f32, rows (q,k) i64)``, -1 padded.
+
+        ``bitmap``/``alive`` (same liveness, packed and unpacked) exclude dead rows; pass
+        None when every row is live.
+        """
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def to_bytes(self) -> np.ndarray:
+        return np.asarray(faiss.serialize_index(self.index), np.uint8)
+
+
+class FlatKeys(KeyIndex):
+    """Exact search over ``fp32`` (IndexFlatIP) or ``fp16`` (IndexScalarQuantizer) codes."""
+
+    kind = "flat"
+
+    def __init__(self, dim: int, storage: str, index: Any = None) -> None:
+        super().__init__(dim, storage)
+        if index is None:
+            if storage == "fp32":
+                index = faiss.IndexFlatIP(dim)
+            else:
+                index = faiss.IndexScalarQuantizer(dim, _SQ[storage], _IP)
+        self.index = index
+        self.code_size = int(index.code_size)
+
+    def _codes(self) -> np.ndarray:
+        # A view of FAISS's code vector: valid only until the next append reallocates it.
+        n = self.ntotal
+        if n == 0:
+            return np.zeros((0, self.code_size), np.uint8)
+        flat = faiss.rev_swig_ptr(self.index.codes.data(), n * self.code_size)
+        return np.asarray(flat).reshape(n, self.code_size)
+
+    def _matrix(self) -> np.ndarray:
+        """The codes as an (n, dim) float32 or float16 matrix (a view)."""
+        dtype = np.float32 if self.storage == "fp32" else np.float16
+        return self._codes().view(dtype)
+
+    def overwrite(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        self._codes()[rows] = self.index.sa_encode(keys).reshape(-1, self.code_size)
+
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self._matrix()[rows].astype(np.float32)
+        return out
+
+    def nbytes(self) -> int:
+        return self.ntotal * self.code_size
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        alive: np.ndarray | None,
+        threads: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        q = queries.shape[0]
+        if q == 0 or k == 0 or self.ntotal == 0:
+            return _empty(q, k)
+        if q >= BATCH_EXACT_MIN_QUERIES and self.ntotal >= BATCH_EXACT_MIN_ROWS:
+            return _exact_batched(queries, self._matrix(), k, alive)
+        _omp(1)
+        params = None
+        if bitmap is not None:
+            sel = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
+            params = faiss.SearchParameters(sel=sel)
+        try:
+            scores, rows = self.index.search(queries, k, params=params)
+        except RuntimeError as exc:
+            raise MemoryBankError(f"faiss search failed: {exc}") from exc
+        return scores, rows
+
+
+class IVFKeys(KeyIndex):
+    """IVF over the slot rows (IVFFlat for fp32, IVF-SQ for fp16/int8), array direct map."""
+
+    kind = "ivf"
+
+    def __init__(self, dim: int, storage: str, index: Any, nprobe: int) -> None:
+        super().__init__(dim, storage)
+        self.index = index
+        self.nprobe = nprobe
+        self.quantizer: Any = None
+
+    @classmethod
+    def train(
+        cls, dim: int, storage: str, nlist: int, sample: np.ndarray, nprobe: int, threads: int
+    ) -> IVFKeys:
+        """A trained, empty IVF index. ``sample`` must be stored keys (never other data)."""
+        quantizer = faiss.IndexFlatIP(dim)
+        if storage == "fp32":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, _IP)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, _SQ[storage], _IP)
+        _omp(threads)
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise MemoryBankError(f"faiss IVF training failed: {exc}") from exc
+        finally:
+            _omp(1)
+        index.set_direct_map_type(faiss.DirectMap.Array)
+        built = cls(dim, storage, index, nprobe)
+        built.quantizer = quantizer  # the index does not own it; keep it alive as long as the index
+        return built
+
+    def overwrite(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        try:
+            self.index.update_vectors(rows, keys)
+        except RuntimeError as exc:
+            raise MemoryBankError(f"faiss update failed: {exc}") from exc
+
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        if rows.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.asarray(self.index.reconstruct_batch(rows), np.float32)
+
+    def nbytes(self) -> int:
+        code = int(self.index.code_size)
+        # codes + the list's id + the direct map entry per row, plus the centroids
+        return self.ntotal * (code + 16) + int(self.index.nlist) * self.dim * 4
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        alive: np.ndarray | None,
+        threads: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        q = queries.shape[0]
+        if q == 0 or k == 0 or self.ntotal == 0:
+            return _empty(q, k)
+        sel = (
+            None if bitmap is None else faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
+        )
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        _omp(threads if q >= BATCH_EXACT_MIN_QUERIES else 1)
+        try:
+            scores, rows = self.index.search(queries, k, params=params)
+        except RuntimeError as exc:
+            raise MemoryBankError(f"faiss search failed: {exc}") from exc
+        finally:
+            _omp(1)
+        return scores, rows
+
+
+def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex:
+    """Deserialize an index written by :meth:`KeyIndex.to_bytes` (bytes already verified)."""
+    try:
+        raw = faiss.deserialize_index(buf)
+    except RuntimeError as exc:
+        raise BankFormatError(f"key index does not parse: {str(exc).splitlines()[-1]}") from exc
+    index = raw  # already downcast by the SWIG typemap (and owned: no second proxy)
+    if int(index.d) != dim or index.metric_type != _IP:
+        raise BankFormatError(f"key index has dim {index.d}, expected {dim}")
+    if isinstance(index, faiss.IndexIVF):
+        if index.direct_map.type != faiss.DirectMap.Array:
+            raise BankFormatError("IVF key index lacks its direct map")
+        return IVFKeys(dim, storage, index, nprobe)
+    if isinstance(index, faiss.IndexFlatIP | faiss.IndexScalarQuantizer):
+        return FlatKeys(dim, storage, index)
+    raise BankFormatError(f"unexpected key index type {type(index).__name__}")
+
+
+def _exact_batched(
+    queries: np.ndarray, keys: np.ndarray, k: int, alive: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k for many queries with BLAS GEMMs and a per-query score threshold.
+
+    FAISS's batched flat search spends most of its time in the top-k heaps (measured: no
+    faster per query than single queries at 1M rows). Here the k-th best score within a
+    random sample of the live rows is a lower bound of the true k-th best, so one pass that
+    keeps only scores >= that bound keeps every true top-k entry and about k·n/sample others.
+    """
+    nq, n = queries.shape[0], keys.shape[0]
+    decode: Callable[[np.ndarray], np.ndarray] = (
+        (lambda a: a) if keys.dtype == np.float32 else (lambda a: a.astype(np.float32))
+    )
+    live_rows = np.flatnonzero(alive[:n]) if alive is not None else np.arange(n)
+    rng = np.random.default_rng(n)  # deterministic: the same layout gives the same result
+    pick = np.unique(rng.integers(0, live_rows.shape[0], max(4096, n // 64)))
+    sample = live_rows[pick]
+    tau = np.full(nq, -np.inf, np.float32)
+    if sample.shape[0] >= k:
+        s0 = queries @ decode(keys[sample]).T  # (nq, ns)
+        tau = np.partition(s0, s0.shape[1] - k, axis=1)[:, s0.shape[1] - k]
+    rs, cs, ss = [], [], []
+    for start in range(0, n, _BLOCK):
+        s = queries @ decode(keys[start : start + _BLOCK]).T  # (nq, block)
+        if alive is not None:
+            dead = ~alive[start : start + s.shape[1]]
+            if dead.any():
+                s[:, dead] = -np.inf
+        r, c = np.nonzero((s >= tau[:, None]) & (s > -np.inf))
+        rs.append(r)
+        cs.append(c + start)
+        ss.append(s[r, c])
+    r, c, s = np.concatenate(rs), np.concatenate(cs), np.concatenate(ss)
+    order = np.lexsort((c, -s, r))  # per query: best score first, then lower row
+    r, c, s = r[order], c[order], s[order]
+    rank = np.arange(r.shape[0]) - np.searchsorted(r, r, "left")
+    keep = rank < k
+    scores, rows = _empty(nq, k)
+    scores[r[keep], rank[keep]] = s[keep]
+    rows[r[keep], rank[keep]] = c[keep]
+    return scores, rows

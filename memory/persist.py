@@ -1,0 +1,335 @@
+"""On-disk format of a bank: snapshots (one per generation) and an append log between them.
+
+Directory ``D`` of a bank holds ``snapshot-<gen>.bank`` (absent for generation 0) and
+``log-<gen>.wal``: the state is the snapshot plus a replay of its log. A new generation is
+written to ``*.tmp``, fsynced, renamed, and the directory fsynced before its log is started
+and the previous generation deleted, so a crash at any point leaves one complete generation.
+
+Snapshot file::
+
+    preamble  <8s magic "ARMBSNP1"> <u32 version> <u32 flags> <u64 generation> <u64 body_len>
+    body      payload, or cipher.seal(payload, aad=preamble) when flags & SEALED
+    trailer   blake2b-128 of preamble + body
+
+    payload   <u32 header_len> <header JSON> <section bytes ...>
+
+Log file::
+
+    header    <8s magic "ARMBLOG1"> <u32 version> <u32 flags> <u64 generation> <u32 json_len>
+              <JSON: dims, config> <blake2b-128 of everything before it>
+    record*   <u32 body_len> <u32 crc32(seq, type, body)> <u64 seq> <u8 type> <body>
+              body = payload, or cipher.seal(payload, aad=seq|type|generation) when sealed
+
+Every length, digest and bound is checked before any byte reaches numpy or FAISS; failures
+raise :class:`BankFormatError`. The checksums catch torn and corrupted files; deliberate
+tampering is only detectable with a ``cipher`` (an AEAD, e.g. AES-GCM), which authenticates
+every snapshot body and log record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+import numpy as np
+
+from agent_runtime.errors import BankFormatError
+
+__all__ = [
+    "Cipher",
+    "LogRecord",
+    "LogWriter",
+    "read_log",
+    "read_snapshot",
+    "write_snapshot",
+]
+
+FORMAT_VERSION = 1
+SEALED = 1  # flags bit: bodies are sealed by a cipher
+SNAP_MAGIC = b"ARMBSNP1"
+LOG_MAGIC = b"ARMBLOG1"
+_PRE = struct.Struct("<8sIIQQ")
+_LOG_HEAD = struct.Struct("<8sIIQI")
+_REC = struct.Struct("<IIQB")
+_DIGEST = 16
+_AAD_LEN = 24  # magic, version, flags, generation: what a sealed snapshot body is bound to
+MAX_RECORD = 1 << 30
+DTYPES = ("<f2", "<f4", "<f8", "<i8", "|b1", "|u1")
+
+# log record types
+ADD, TOUCH, PRUNE, META = 1, 2, 3, 4
+
+
+class Cipher(Protocol):
+    """Encryption at rest: an AEAD applied to every snapshot body and log record payload.
+
+    ``open`` must raise (any exception) when the ciphertext or ``aad`` was altered.
+    """
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
+
+    def open(self, ciphertext: bytes, aad: bytes) -> bytes: ...
+
+
+def _digest(*parts: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(digest_size=_DIGEST)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, chunks: list[bytes | memoryview]) -> None:
+    """Write ``path`` so that it is either absent or complete, even across a crash."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _open_sealed(cipher: Cipher | None, flags: int, body: bytes, aad: bytes, what: str) -> bytes:
+    if flags & SEALED and cipher is None:
+        raise BankFormatError(f"{what} is encrypted; a cipher is required to open it")
+    if not flags & SEALED and cipher is not None:
+        raise BankFormatError(
+            f"{what} is not encrypted but a cipher was given (refusing a downgrade)"
+        )
+    if cipher is None:
+        return body
+    try:
+        return cipher.open(body, aad)
+    except Exception as exc:  # any failure of the AEAD means the bytes are not ours
+        raise BankFormatError(f"{what} fails authentication") from exc
+
+
+# -- snapshots ---------------------------------------------------------------------------------
+
+
+def write_snapshot(
+    path: Path,
+    generation: int,
+    header: dict[str, object],
+    sections: dict[str, np.ndarray],
+    cipher: Cipher | None,
+) -> int:
+    """Atomically write a snapshot; returns its size in bytes."""
+    entries = []
+    blobs: list[bytes | memoryview] = []
+    offset = 0
+    for name, arr in sections.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.str not in DTYPES:
+            raise ValueError(f"section {name} has unsupported dtype {arr.dtype}")
+        entries.append(
+            {"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset}
+        )
+        blobs.append(arr.reshape(-1).view(np.uint8).data)
+        offset += arr.nbytes
+    head = json.dumps({**header, "sections": entries}, separators=(",", ":")).encode()
+    payload = b"".join([struct.pack("<I", len(head)), head, *blobs])
+    flags = SEALED if cipher is not None else 0
+    aad = _PRE.pack(SNAP_MAGIC, FORMAT_VERSION, flags, generation, 0)[:_AAD_LEN]
+    body = payload if cipher is None else cipher.seal(payload, aad)
+    pre = _PRE.pack(SNAP_MAGIC, FORMAT_VERSION, flags, generation, len(body))
+    _atomic_write(path, [pre, body, _digest(pre, body)])
+    return _PRE.size + len(body) + _DIGEST
+
+
+def read_snapshot(
+    path: Path, cipher: Cipher | None
+) -> tuple[int, dict[str, object], dict[str, np.ndarray]]:
+    """Verify and parse a snapshot: ``(generation, header, sections)``."""
+    data = path.read_bytes()
+    name = path.name
+    if len(data) < _PRE.size + _DIGEST:
+        raise BankFormatError(f"{name}: truncated ({len(data)} bytes)")
+    magic, version, flags, generation, body_len = _PRE.unpack_from(data)
+    if magic != SNAP_MAGIC:
+        raise BankFormatError(f"{name}: not a bank snapshot")
+    if version != FORMAT_VERSION:
+        raise BankFormatError(f"{name}: format version {version}, this code reads {FORMAT_VERSION}")
+    if body_len != len(data) - _PRE.size - _DIGEST:
+        raise BankFormatError(
+            f"{name}: truncated or extended (body {body_len}, file {len(data)} bytes)"
+        )
+    view = memoryview(data)
+    pre, body, digest = view[: _PRE.size], view[_PRE.size : -_DIGEST], view[-_DIGEST:]
+    if _digest(pre, body) != bytes(digest):
+        raise BankFormatError(f"{name}: checksum mismatch (torn or corrupted)")
+    payload: bytes | memoryview = body
+    if flags & SEALED or cipher is not None:
+        payload = _open_sealed(cipher, flags, bytes(body), bytes(pre[:_AAD_LEN]), name)
+    return generation, *_parse_payload(name, payload)
+
+
+def _parse_payload(
+    name: str, payload: bytes | memoryview
+) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    """Header and zero-copy section arrays (read-only views into ``payload``)."""
+    try:
+        (head_len,) = struct.unpack_from("<I", payload)
+        if 4 + head_len > len(payload):
+            raise ValueError("header overruns the payload")
+        header = json.loads(bytes(payload[4 : 4 + head_len]))
+        if not isinstance(header, dict) or not isinstance(header.get("sections"), list):
+            raise ValueError("header is not an object with sections")
+        base = 4 + head_len
+        sections: dict[str, np.ndarray] = {}
+        for entry in header.pop("sections"):
+            dtype, shape, offset = entry["dtype"], entry["shape"], entry["offset"]
+            if dtype not in DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise ValueError(f"bad section {entry}")
+            count = int(np.prod(shape, dtype=np.int64))
+            nbytes = count * np.dtype(dtype).itemsize
+            if not isinstance(offset, int) or offset < 0 or base + offset + nbytes > len(payload):
+                raise ValueError(f"section {entry['name']} overruns the payload")
+            arr = np.frombuffer(payload, dtype, count, base + offset).reshape(shape)
+            sections[str(entry["name"])] = arr
+    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
+        raise BankFormatError(f"{name}: malformed payload: {exc}") from exc
+    return header, sections
+
+
+# -- append log --------------------------------------------------------------------------------
+
+
+@dataclass
+class LogRecord:
+    seq: int
+    type: int
+    payload: bytes
+
+
+def _record_aad(generation: int, seq: int, rtype: int) -> bytes:
+    return struct.pack("<QQB", generation, seq, rtype)
+
+
+class LogWriter:
+    """Appends records to ``log-<gen>.wal``; :meth:`sync` makes every record so far durable."""
+
+    def __init__(
+        self, path: Path, generation: int, next_seq: int, cipher: Cipher | None, fh: IO[bytes]
+    ) -> None:
+        self.path = path
+        self.generation = generation
+        self.seq = next_seq
+        self.cipher = cipher
+        self._fh = fh
+        self.dirty = False
+
+    @classmethod
+    def create(
+        cls, path: Path, generation: int, header: dict[str, object], cipher: Cipher | None
+    ) -> LogWriter:
+        """Start an empty log (durably: file and directory entry are fsynced)."""
+        flags = SEALED if cipher is not None else 0
+        head = json.dumps(header, separators=(",", ":")).encode()
+        prefix = _LOG_HEAD.pack(LOG_MAGIC, FORMAT_VERSION, flags, generation, len(head)) + head
+        _atomic_write(path, [prefix, _digest(prefix)])
+        return cls(path, generation, 0, cipher, open(path, "ab"))
+
+    @classmethod
+    def reopen(
+        cls, path: Path, generation: int, next_seq: int, valid_end: int, cipher: Cipher | None
+    ) -> LogWriter:
+        """Continue a log after its last valid record, cutting off a torn tail."""
+        fh = open(path, "r+b")  # noqa: SIM115 - the writer owns the handle until close()
+        fh.truncate(valid_end)
+        fh.seek(valid_end)
+        os.fsync(fh.fileno())
+        return cls(path, generation, next_seq, cipher, fh)
+
+    def append(self, rtype: int, payload: bytes) -> None:
+        body = payload
+        if self.cipher is not None:
+            body = self.cipher.seal(payload, _record_aad(self.generation, self.seq, rtype))
+        tail = struct.pack("<QB", self.seq, rtype)
+        crc = zlib.crc32(body, zlib.crc32(tail))
+        self._fh.write(_REC.pack(len(body), crc, self.seq, rtype))
+        self._fh.write(body)
+        self.seq += 1
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self.dirty = False
+
+    def size(self) -> int:
+        return self._fh.tell()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fh.close()
+
+
+def read_log(
+    path: Path, cipher: Cipher | None
+) -> tuple[int, dict[str, object], list[LogRecord], int]:
+    """Verify and parse a log: ``(generation, header, records, valid_end)``.
+
+    A torn tail (the last record incomplete or failing its checksum) ends the log at
+    ``valid_end``; a bad record followed by more data is corruption and raises.
+    """
+    data = path.read_bytes()
+    name = path.name
+    if len(data) < _LOG_HEAD.size:
+        raise BankFormatError(f"{name}: truncated log header")
+    magic, version, flags, generation, head_len = _LOG_HEAD.unpack_from(data)
+    if magic != LOG_MAGIC:
+        raise BankFormatError(f"{name}: not a bank log")
+    if version != FORMAT_VERSION:
+        raise BankFormatError(f"{name}: format version {version}, this code reads {FORMAT_VERSION}")
+    end = _LOG_HEAD.size + head_len
+    if end + _DIGEST > len(data) or _digest(data[:end]) != data[end : end + _DIGEST]:
+        raise BankFormatError(f"{name}: log header checksum mismatch")
+    try:
+        header = json.loads(data[_LOG_HEAD.size : end])
+    except json.JSONDecodeError as exc:
+        raise BankFormatError(f"{name}: malformed log header") from exc
+    if not isinstance(header, dict):
+        raise BankFormatError(f"{name}: malformed log header")
+    if (flags & SEALED) != (cipher is not None):
+        _open_sealed(cipher, flags, b"", b"", name)  # raises the matching message
+    pos = end + _DIGEST
+    records: list[LogRecord] = []
+    while pos < len(data):
+        if pos + _REC.size > len(data):
+            break  # torn record header
+        body_len, crc, seq, rtype = _REC.unpack_from(data, pos)
+        stop = pos + _REC.size + body_len
+        if body_len > MAX_RECORD or stop > len(data):
+            break  # torn (or a length that cannot be ours: nothing after it is trustworthy)
+        body = data[pos + _REC.size : stop]
+        if zlib.crc32(body, zlib.crc32(struct.pack("<QB", seq, rtype))) != crc:
+            if stop == len(data):
+                break  # torn last record
+            raise BankFormatError(f"{name}: record {len(records)} at byte {pos} is corrupt")
+        if seq != len(records) or rtype not in (ADD, TOUCH, PRUNE, META):
+            raise BankFormatError(f"{name}: record {len(records)} at byte {pos} is out of sequence")
+        if cipher is not None:
+            body = _open_sealed(
+                cipher, flags, body, _record_aad(generation, seq, rtype), f"{name} record {seq}"
+            )
+        records.append(LogRecord(seq, rtype, body))
+        pos = stop
+    return generation, header, records, pos

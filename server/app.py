@@ -1,0 +1,409 @@
+"""The websocket server and its HTTP routes, on one port.
+
+* ``ws://HOST:PORT/v1/realtime`` — the event protocol (see ``server/protocol.py`` and
+  ``docs/asyncapi.yaml``), subprotocol ``agent-runtime.v1.json`` or ``agent-runtime.v1.msgpack``.
+* ``GET /livez`` (process up), ``GET /readyz`` (the model has produced a token and Redis
+  answers), ``GET /metrics`` (Prometheus text), ``GET /`` (the chat web page).
+
+:class:`Server` owns, in start order, the session store, the engine and the websocket listener,
+and closes them in reverse order; ``aclose()`` is idempotent and performs a graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from http import HTTPStatus
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from agent_runtime.config import RuntimeConfig, redacted
+from agent_runtime.engine import Engine
+from agent_runtime.errors import ConflictError, ProtocolError, RequestError, StoreError
+from agent_runtime.generation import GenerationState, SamplingParams, prefill
+from agent_runtime.model import MemorizingTransformer
+from agent_runtime.sessions import Session, SessionManager
+from agent_runtime.store import SessionStore
+from server import protocol as p
+
+__all__ = ["Server"]
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/v1/realtime"
+STATIC = Path(__file__).parent / "static"
+DEFAULT_TENANT = "default"
+
+
+class Server:
+    """``async with Server(config, model) as server: await server.serve_forever()``"""
+
+    def __init__(self, config: RuntimeConfig, model: MemorizingTransformer) -> None:
+        self.config = config
+        self.model = model
+        self.node_id = uuid.uuid4().hex[:12]
+        self.store = SessionStore(config.store)
+        self.engine = Engine(
+            model, max_batch=config.engine.max_batch, max_queue=config.engine.max_queue
+        )
+        self.sessions = SessionManager(
+            self.engine,
+            self.store,
+            Path(config.store.data_dir),
+            config.memory,
+            max_sessions=config.server.max_sessions,
+            node_id=self.node_id,
+        )
+        self._ws: WsServer | None = None
+        self._connections: set[ServerConnection] = set()
+        self.ready = False
+        self.started_at = time.time()
+        self._closing = False
+        self.counters: dict[str, float] = {
+            "responses_total": 0,
+            "tokens_total": 0,
+            "errors_total": 0,
+        }
+
+    @property
+    def port(self) -> int:
+        assert self._ws is not None, "server not started"
+        return int(self._ws.sockets[0].getsockname()[1])
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        log.info("effective config: %s", redacted(self.config))
+        await self.store.open()
+        self.engine.start()
+        cfg = self.config.server
+        self._ws = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._process_request,
+            select_subprotocol=_select_subprotocol,
+            subprotocols=[Subprotocol(s) for s in p.SUBPROTOCOLS],
+            # Frames up to 4x the limit are read and answered with an error event; larger ones
+            # close the connection (1009) before they are buffered.
+            max_size=4 * cfg.max_frame_bytes,
+            compression=None,  # token deltas are tiny; deflate would cost more than it saves
+        )
+        await self._warm_up()
+        log.info("serving on ws://%s:%d%s", cfg.host, self.port, WS_PATH)
+
+    async def _warm_up(self) -> None:
+        """Produce one token with a throwaway state, so /readyz means the model really answers."""
+
+        def run() -> None:
+            prefill(self.model, GenerationState.new(self.model), [0], None)
+
+        await self.engine.call(run)
+        self.ready = True
+
+    async def serve_forever(self) -> None:
+        assert self._ws is not None
+        await self._ws.serve_forever()
+
+    async def aclose(self) -> None:
+        """Graceful shutdown: stop accepting, tell clients, drain, snapshot banks, close with 1001."""
+        if self._closing:
+            return
+        self._closing = True
+        self.ready = False
+        if self._ws is not None:
+            self._ws.close(close_connections=False)  # stop accepting new connections
+        for session in list(self.sessions.sessions.values()):
+            with contextlib.suppress(Exception):
+                await session.emit({"type": "server.going_away", "reason": "shutdown"})
+        tasks = [
+            s.response_task
+            for s in self.sessions.sessions.values()
+            if s.response_task and not s.response_task.done()
+        ]
+        if tasks:
+            _done, pending = await asyncio.wait(
+                tasks, timeout=self.config.server.shutdown_timeout_s
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.sessions.aclose()
+        for conn in list(self._connections):
+            await conn.close(1001, "server shutting down")
+        if self._ws is not None:
+            await self._ws.wait_closed()
+        await self.engine.aclose()
+        await self.store.aclose()
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            if path != WS_PATH:
+                return conn.respond(HTTPStatus.NOT_FOUND, f"websocket endpoint is {WS_PATH}\n")
+            if self._closing:
+                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+            return None
+        if path == "/livez":
+            return conn.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self.ready and await self.store.ping():
+                return conn.respond(HTTPStatus.OK, "ready\n")
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if path == "/metrics":
+            return _response(200, self.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
+        if path in ("/", "/index.html"):
+            page = STATIC / "index.html"
+            if page.exists():
+                return _response(200, page.read_text(encoding="utf-8"), "text/html; charset=utf-8")
+        return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def metrics_text(self) -> str:
+        running, waiting = self.engine.load()
+        lines = [
+            "# HELP agent_runtime_sessions_active Live sessions on this node.",
+            "# TYPE agent_runtime_sessions_active gauge",
+            f"agent_runtime_sessions_active {len(self.sessions.sessions)}",
+            "# HELP agent_runtime_responses_running Responses in the running batch.",
+            "# TYPE agent_runtime_responses_running gauge",
+            f"agent_runtime_responses_running {running}",
+            "# HELP agent_runtime_responses_waiting Responses waiting for a batch slot.",
+            "# TYPE agent_runtime_responses_waiting gauge",
+            f"agent_runtime_responses_waiting {waiting}",
+            "# HELP agent_runtime_tokens_generated_total Tokens generated.",
+            "# TYPE agent_runtime_tokens_generated_total counter",
+            f"agent_runtime_tokens_generated_total {self.engine.tokens_generated}",
+            "# HELP agent_runtime_engine_steps_total Batched decode steps run.",
+            "# TYPE agent_runtime_engine_steps_total counter",
+            f"agent_runtime_engine_steps_total {self.engine.steps}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    # -- websocket ------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        codec = p.CODECS[ws.subprotocol or p.JSON_SUBPROTOCOL]
+        conn = Connection(self, ws, codec, tenant=DEFAULT_TENANT)
+        self._connections.add(ws)
+        try:
+            async for frame in ws:
+                await conn.on_frame(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._connections.discard(ws)
+            conn.on_close()
+
+
+class Connection:
+    """One websocket client: decodes frames, dispatches events, sends its session's events."""
+
+    def __init__(self, server: Server, ws: ServerConnection, codec: p.Codec, tenant: str) -> None:
+        self.server = server
+        self.ws = ws
+        self.codec = codec
+        self.tenant = tenant
+        self.session: Session | None = None
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.ws.send(self.codec.encode(event))
+
+    async def on_frame(self, frame: str | bytes) -> None:
+        limits = self.server.config.server
+        event_id: str | None = None
+        try:
+            if len(frame) > limits.max_frame_bytes:
+                raise ProtocolError(
+                    f"frame of {len(frame)} bytes exceeds the limit of {limits.max_frame_bytes}",
+                    code="frame_too_large",
+                )
+            raw = self.codec.decode(frame)
+            if isinstance(raw, dict) and isinstance(raw.get("event_id"), str):
+                event_id = raw["event_id"]
+            event = p.parse_client_event(raw, max_message_chars=limits.max_message_chars)
+            await self.dispatch(event)
+        except RequestError as exc:
+            self.server.counters["errors_total"] += 1
+            await self.send_error(exc, event_id)
+        except StoreError as exc:
+            log.error("session store error: %s", exc)
+            await self.send_error(exc, event_id)
+
+    async def send_error(self, exc: Exception, event_id: str | None) -> None:
+        body = p.error_event(exc, event_id=event_id)
+        if self.session is not None:
+            await self.session.emit(body)
+        else:
+            await self.send({"event_id": p.new_id("evt"), "seq": 0, **body})
+
+    def require_session(self, event: p.ClientEvent) -> Session:
+        if self.session is None or self.session.closed:
+            raise ConflictError(
+                "no session: send session.create or session.resume first",
+                code="no_session",
+                event_id=event.event_id,
+            )
+        return self.session
+
+    async def dispatch(self, event: p.ClientEvent) -> None:
+        mgr = self.server.sessions
+        if isinstance(event, p.SessionCreate | p.SessionResume):
+            if self.session is not None:
+                raise ConflictError(
+                    "this connection already has a session",
+                    code="session_exists",
+                    event_id=event.event_id,
+                )
+            if isinstance(event, p.SessionCreate):
+                session = await mgr.create(self.tenant, p.new_id("sess"), event.instructions)
+                self.attach(session)
+                await session.emit(
+                    {"type": "session.created", "session": self.session_body(session)}
+                )
+            else:
+                try:
+                    session = await mgr.get(self.tenant, event.session_id)
+                except RequestError as exc:
+                    exc.event_id = event.event_id
+                    raise
+                missed = session.missed_events(event.last_seq)
+                self.attach(session, replay=False)
+                await self.send(
+                    {
+                        "event_id": p.new_id("evt"),
+                        "seq": session.seq,
+                        "type": "session.resumed",
+                        "session": self.session_body(session),
+                        "replayed": len(missed or []),
+                        "events_lost": missed is None,
+                    }
+                )
+                for e in missed or []:
+                    await self.send(e)
+            return
+        session = self.require_session(event)
+        if isinstance(event, p.ItemCreate):
+            from agent_runtime.tokenizer import encode_turn
+
+            session.pending += encode_turn(event.role, event.text)
+            await session.emit(
+                {
+                    "type": "conversation.item.created",
+                    "item": {"id": p.new_id("item"), "type": "message", "role": event.role},
+                }
+            )
+        elif isinstance(event, p.ResponseCreate):
+            gen = self.server.config.generation
+            params = SamplingParams(
+                max_tokens=event.max_tokens or gen.max_tokens,
+                temperature=gen.temperature if event.temperature is None else event.temperature,
+                top_p=gen.top_p if event.top_p is None else event.top_p,
+                stop=event.stop,
+                seed=event.seed,
+            )
+            try:
+                await mgr.start_response(session, p.new_id("resp"), params, event.commit_on_cancel)
+            except RequestError as exc:
+                exc.event_id = event.event_id
+                raise
+        elif isinstance(event, p.ResponseCancel):
+            if session.response_id is None or (
+                event.response_id and event.response_id != session.response_id
+            ):
+                raise ConflictError(
+                    "no such active response", code="no_active_response", event_id=event.event_id
+                )
+            mgr.cancel(session)
+        elif isinstance(event, p.SessionDelete):
+            await mgr.delete(session)
+            self.session = None
+            await self.send(
+                {
+                    "event_id": p.new_id("evt"),
+                    "seq": session.seq + 1,
+                    "type": "session.deleted",
+                    "session_id": session.session_id,
+                }
+            )
+        elif isinstance(event, p.MemoryStats):
+            stats = await self.server.engine.call(session.bank.stats)
+            await session.emit(
+                {
+                    "type": "memory.stats",
+                    "memory": _stats_dict(stats),
+                    "position": session.state.position,
+                }
+            )
+        elif isinstance(event, p.Ping):
+            await session.emit({"type": "pong", "data": event.data})
+
+    def attach(self, session: Session, replay: bool = False) -> None:
+        self.session = session
+        session.attach(self.send)
+
+    def session_body(self, session: Session) -> dict[str, Any]:
+        return {
+            "id": session.session_id,
+            "created_at": session.meta.created_at,
+            "turns": session.meta.turns,
+            "memory_entries": len(session.bank),
+            "position": session.state.position,
+        }
+
+    def on_close(self) -> None:
+        if self.session is not None:
+            self.session.detach(self.send)
+
+
+def _stats_dict(stats: object) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(stats) if is_dataclass(stats) and not isinstance(stats, type) else {}
+
+
+def _select_subprotocol(
+    conn: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """The client's first supported subprotocol; JSON when it names none; refuse unknown ones."""
+    if not offered:
+        return None
+    for name in offered:
+        if name in p.SUBPROTOCOLS:
+            return name
+    raise NegotiationError(
+        f"unsupported subprotocols {list(offered)}; this server speaks {list(p.SUBPROTOCOLS)}"
+    )
+
+
+def _response(status: int, body: str, content_type: str) -> Response:
+    data = body.encode("utf-8")
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status, HTTPStatus(status).phrase, headers, data)
