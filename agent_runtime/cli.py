@@ -1,4 +1,5 @@
-"""Command line: ``agent-runtime serve|bench|config`` (also ``python -m agent_runtime``)."""
+"""Command line: ``agent-runtime serve|chat|train|eval|bench|tenants|audit|config`` (also
+``python -m agent_runtime``)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,29 @@ async def _serve(config: RuntimeConfig) -> None:
         log.info("shutting down")
 
 
+# Sub-commands implemented in their own modules: "module:function" taking argv, returning an exit code.
+BENCHES = {
+    "memory": "memory.bench:main",
+    "serve": "server.bench:main",
+    "privacy": "privacy.bench:main",
+}
+TOOLS = {
+    "chat": ("agent_runtime.chat:main", "terminal chat client"),
+    "train": ("agent_runtime.train:main", "train the chat model (resumable)"),
+    "eval": ("agent_runtime.evaluate:main", "evaluate recall and perplexity"),
+    "tenants": ("privacy.cli:tenants_main", "add, list or revoke tenant API keys"),
+    "audit": ("privacy.cli:audit_main", "privacy ledger report and audit-log verification"),
+}
+
+
+def _delegate(target: str, argv: list[str]) -> int:
+    import importlib
+
+    module, function = target.split(":")
+    entry = getattr(importlib.import_module(module), function)
+    return int(entry(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="agent-runtime", description="Memorizing Transformer chat runtime"
@@ -74,11 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the websocket chat server")
     add_arguments(serve)
 
-    bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("suite", choices=["memory"], help="which benchmark")
+    bench = sub.add_parser("bench", help="run a benchmark: " + " | ".join(BENCHES))
+    bench.add_argument("suite", choices=list(BENCHES), help="which benchmark")
     bench.add_argument(
-        "rest", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)"
+        "rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)"
     )
+    for name, (_target, help_text) in TOOLS.items():
+        tool = sub.add_parser(name, help=f"{help_text} (see {name} --help)", add_help=False)
+        tool.add_argument("rest", nargs=argparse.REMAINDER)
 
     cfg = sub.add_parser(
         "config", help="print the effective configuration or the settings reference"
@@ -88,6 +115,25 @@ def main(argv: list[str] | None = None) -> int:
         "--markdown", action="store_true", help="print the settings reference as a Markdown table"
     )
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Delegated commands parse their own options (argparse's REMAINDER drops leading flags).
+    target = None
+    if argv and argv[0] in TOOLS:
+        target, rest = TOOLS[argv[0]][0], argv[1:]
+    elif len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        target, rest = BENCHES[argv[1]], argv[2:]
+    if target is not None:
+        logging.basicConfig(
+            level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        try:
+            return _delegate(target, rest)
+        except AgentRuntimeError as exc:
+            print(f"agent-runtime: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -95,11 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(_serve(load_config(args)))
-        elif args.command == "bench":
-            if args.suite == "memory":
-                from memory.bench import main as bench_memory
-
-                return int(bench_memory(args.rest))
+        elif args.command == "bench" or args.command in TOOLS:  # only reached for --help-like use
+            parser.parse_args([args.command, "--help"])
         elif args.command == "config":
             if args.markdown:
                 print(markdown_table())

@@ -62,17 +62,41 @@ class ServerConfig:
     """Largest accepted text of one conversation item."""
     max_sessions: int = 1024
     """Live sessions per server; past it ``session.create`` gets ``overloaded``."""
+    max_sessions_per_tenant: int = 256
+    """Live sessions per tenant on this server; past it ``session.create`` gets ``overloaded``."""
+    disconnect_grace_s: float = 10.0
+    """After a client disconnects mid-response, generation continues this long for a resume; then it is cancelled."""
+    idle_unload_s: float = 300.0
+    """A session with no client and no response for this long is snapshotted and unloaded (resumable)."""
+    event_buffer: int = 4096
+    """Server events kept per session for ``session.resume`` with ``last_seq``."""
     shutdown_timeout_s: float = 10.0
     """On SIGTERM/SIGINT, how long active responses may drain before they are cut."""
+    auth: str = "auto"
+    """Tenant authentication: ``required``, ``none`` (loopback only), or ``auto`` (required once a tenant exists)."""
+    allowed_origins: str = ""
+    """Comma-separated extra browser origins allowed to connect (same-origin pages always are)."""
 
     def validate(self) -> None:
         if not self.host:
             raise ConfigError("server.host", self.host, "must not be empty")
+        if self.auth not in ("auto", "required", "none"):
+            raise ConfigError("server.auth", self.auth, "must be auto, required or none")
+        if self.auth != "required" and not is_loopback(self.host):
+            raise ConfigError(
+                "server.host",
+                self.host,
+                "binding beyond loopback requires --auth required (tenant API keys)",
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError("server.port", self.port, "must be in 0..65535")
         _positive("server.max_frame_bytes", self.max_frame_bytes)
         _positive("server.max_message_chars", self.max_message_chars)
         _positive("server.max_sessions", self.max_sessions)
+        _positive("server.max_sessions_per_tenant", self.max_sessions_per_tenant)
+        _non_negative("server.disconnect_grace_s", self.disconnect_grace_s)
+        _positive("server.idle_unload_s", self.idle_unload_s)
+        _positive("server.event_buffer", self.event_buffer)
         _non_negative("server.shutdown_timeout_s", self.shutdown_timeout_s)
 
 
@@ -119,6 +143,8 @@ class EngineConfig:
     """Most sessions decoded together in one model step (continuous batching)."""
     max_queue: int = 256
     """Most responses waiting for a batch slot; past it ``response.create`` gets ``overloaded``."""
+    batching: bool = True
+    """Decode all running sessions in one batched step (off: one forward per session, for comparison)."""
     torch_threads: int = 0
     """Intra-op threads for torch (0 keeps torch's default)."""
     seed: int = 0
@@ -164,6 +190,16 @@ class PrivacyConfig:
     """The delta at which epsilon is reported."""
     accountant: str = "rdp"
     """Opacus accountant used by the ledger: ``rdp`` or ``prv``."""
+    unit: str = "key"
+    """Protected unit of the ledger: ``key`` (each stored key) or ``message`` (all keys written in one turn)."""
+    budget_epsilon: float = 0.0
+    """Per-session epsilon budget at ``delta``; past it the session stops writing memories (0: no budget)."""
+    target_epsilon: float = 0.0
+    """If > 0, derive ``noise_sigma`` from this epsilon per unit (Opacus ``get_noise_multiplier``)."""
+    target_releases: int = 1
+    """Keys per protected unit assumed by ``target_epsilon`` (1 for the key unit)."""
+    encrypt_at_rest: bool = True
+    """Seal bank snapshots, logs and generation state with per-session AES-GCM keys."""
 
     def validate(self) -> None:
         _non_negative("privacy.noise_sigma", self.noise_sigma)
@@ -172,6 +208,23 @@ class PrivacyConfig:
             raise ConfigError("privacy.delta", self.delta, "must be in (0, 1)")
         if self.accountant not in ("rdp", "prv"):
             raise ConfigError("privacy.accountant", self.accountant, "must be rdp or prv")
+        if self.unit not in ("key", "message"):
+            raise ConfigError("privacy.unit", self.unit, "must be key or message")
+        _non_negative("privacy.budget_epsilon", self.budget_epsilon)
+        _non_negative("privacy.target_epsilon", self.target_epsilon)
+        _positive("privacy.target_releases", self.target_releases)
+        if self.target_epsilon > 0:
+            from privacy.ledger import sigma_for_epsilon
+
+            self.noise_sigma = sigma_for_epsilon(
+                self.target_epsilon, self.delta, self.target_releases, self.accountant
+            )
+        if self.budget_epsilon > 0 and self.noise_sigma == 0:
+            raise ConfigError(
+                "privacy.budget_epsilon",
+                self.budget_epsilon,
+                "needs noise_sigma > 0 (or target_epsilon)",
+            )
 
 
 @dataclass
@@ -194,6 +247,18 @@ class RuntimeConfig:
 SECTIONS = ("server", "store", "engine", "generation", "memory", "privacy")
 # Sections whose flags and env vars carry no prefix (``--port``, ``AGENT_RUNTIME_PORT``).
 UNPREFIXED = ("server", "store")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _positive(name: str, value: float) -> None:

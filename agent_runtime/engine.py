@@ -22,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.generation import GenerationState, SamplingParams, decode_step, prefill, sample
+from agent_runtime.metrics import EngineMetrics
 from agent_runtime.model import MemorizingTransformer
-from agent_runtime.scheduler import Request, Scheduler
+from agent_runtime.scheduler import Request, RequestStatus, Scheduler
 from agent_runtime.tokenizer import END, Utf8Stream
 from memory import MemoryBank
 
@@ -94,16 +96,25 @@ class Generation:
     retrieved: int = 0
     written_at_start: int = 0
     checkpoint: GenerationState | None = None
-    bank_ids: list[Any] = field(default_factory=list)
+    prompt_pos: int = 0  # prompt tokens fed so far (prefill is chunked)
+    admitted_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None
 
 
 class Engine:
     """Owns the model, the scheduler and the worker thread. ``async with Engine(...) as engine``."""
 
     def __init__(
-        self, model: MemorizingTransformer, *, max_batch: int = 32, max_queue: int = 256
+        self,
+        model: MemorizingTransformer,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
+        self.metrics = metrics
+        self._prefilling: Request | None = None
         self.scheduler = Scheduler(max_batch, max_queue)
         self._lock = threading.Lock()  # guards the scheduler between loop and worker threads
         self._cv = threading.Condition(self._lock)
@@ -203,47 +214,79 @@ class Engine:
             for job in inbox:
                 job()
             with self._lock:
-                batch = self.scheduler.schedule()
+                batch = self.scheduler.schedule(admit=self._prefilling is None)
             for req in batch.dropped:
                 self._deliver(req, "", self._result(req, "cancelled"))
+            if batch.prefill is not None:
+                self._prefilling = batch.prefill
+                g: Generation = batch.prefill.payload
+                g.written_at_start = g.state.written
+                if self.metrics is not None:
+                    self.metrics.queue.observe(time.perf_counter() - g.admitted_at)
             try:
-                self._step(batch.prefill, batch.decode)
+                self._step(batch.decode)
             except Exception as exc:  # a bug or a bank failure: fail these requests, keep serving
                 log.exception("engine step failed")
-                for req in ([batch.prefill] if batch.prefill else []) + batch.decode:
-                    self._finish(req, "error", error=str(exc))
+                failed = [self._prefilling] if self._prefilling is not None else []
+                self._prefilling = None
+                for req in failed + batch.decode:
+                    if req.status is not RequestStatus.FINISHED:
+                        self._finish(req, "error", error=str(exc))
         for req in pending:
             self._finish(req, "error", error="server shutting down")
         for job in self._inbox:
             job()
 
-    def _step(self, new: Request | None, running: list[Request]) -> None:
+    def _step(self, running: list[Request]) -> None:
+        """One iteration: a chunk of the prefilling request's prompt, and one decode step for
+        every running request whose prompt is done. Long prompts are fed one memory block per
+        iteration so that they never stall the other sessions' decoding for long."""
         rows: list[Request] = []
         for req in running:
+            if req is self._prefilling:
+                continue
             if req.abort_requested:
                 self._close(req, cancelled=True)
             else:
                 rows.append(req)
+        new = self._prefilling
         if new is not None:
             g: Generation = new.payload
-            g.written_at_start = g.state.written
-            logits = prefill(self.model, g.state, g.prompt, g.bank)
-            g.checkpoint = _clone_state(g.state)
-            assert logits is not None
-            self._accept(new, self._sample(logits, g))
+            if new.abort_requested and g.checkpoint is None:
+                # Cancelled during its prompt: the prompt is kept, the reply never started.
+                self._prefilling = None
+                prefill(self.model, g.state, [*g.prompt[g.prompt_pos :], END], g.bank)
+                self._finish(new, "cancelled")
+            else:
+                W = self.model.cfg.window
+                chunk = g.prompt[g.prompt_pos : g.prompt_pos + W - g.state.position % W]
+                logits = prefill(self.model, g.state, chunk, g.bank)
+                g.prompt_pos += len(chunk)
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(len(chunk))
+                if g.prompt_pos >= len(g.prompt):
+                    self._prefilling = None
+                    g.state.recent_ids = []  # ids the reply writes, removed again if it is rolled back
+                    g.checkpoint = _clone_state(g.state)
+                    assert logits is not None
+                    self._accept(new, self._sample(logits, g))
         if not rows:
             return
         groups = [rows] if self.batching else [[r] for r in rows]
         for group in groups:
             gens: list[Generation] = [r.payload for r in group]
-            logits, retrieved = decode_step(
+            started = time.perf_counter()
+            logits, retriever = decode_step(
                 self.model,
                 [g.state for g in gens],
                 [g.last_token for g in gens],
                 [g.bank for g in gens],
             )
             self.steps += 1
-            for req, g, row, n in zip(group, gens, logits, retrieved, strict=True):
+            if self.metrics is not None:
+                self.metrics.step.observe(time.perf_counter() - started)
+                self.metrics.retrieval.observe(retriever.seconds)
+            for req, g, row, n in zip(group, gens, logits, retriever.retrieved, strict=True):
                 g.retrieved += n
                 self._accept(req, self._sample(row, g))
 
@@ -255,6 +298,8 @@ class Engine:
         """Record a sampled token: stream its text, or close the response."""
         g: Generation = req.payload
         if req.abort_requested:
+            # ``token`` is dropped; the previous one was fed by the step that sampled it.
+            g.last_token = -1
             self._close(req, cancelled=True)
             return
         if token == END:
@@ -265,6 +310,14 @@ class Engine:
         req.output_tokens.append(token)
         self.tokens_generated += 1
         g.last_token = token
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if g.last_token_at is None:
+                self.metrics.ttft.observe(now - g.admitted_at)
+            else:
+                self.metrics.itl.observe(now - g.last_token_at)
+            self.metrics.tokens.inc()
+        g.last_token_at = now
         g.text += g.stream.push(token)
         stop_at = _find_stop(g.text, g.params.stop)
         if stop_at is not None:
@@ -294,9 +347,8 @@ class Engine:
         g: Generation = req.payload
         tail = [g.last_token] if g.last_token >= 0 else []
         if cancelled and not g.commit_on_cancel and g.checkpoint is not None:
-            new_ids = g.state.written - g.checkpoint.written
-            if new_ids and g.bank is not None and hasattr(g.bank, "remove_last"):
-                g.bank.remove_last(new_ids)
+            if g.bank is not None and g.state.recent_ids:
+                g.bank.remove(np.concatenate(g.state.recent_ids))
             g.state.__dict__.update(g.checkpoint.__dict__)
             tail = []
         prefill(self.model, g.state, [*tail, END] if tail[-1:] != [END] else tail, g.bank)
@@ -326,6 +378,9 @@ class Engine:
         )
         if g.on_finish is not None:
             g.on_finish(result)
+        if self.metrics is not None:
+            self.metrics.responses.inc()
+            self.metrics.memory_written.inc(result.memory_written)
         return result
 
     def _deliver(self, req: Request, text: str, result: ResponseResult | None) -> None:
@@ -339,6 +394,7 @@ def _clone_state(state: GenerationState) -> GenerationState:
     clone = copy.copy(state)
     clone.pending_keys = list(state.pending_keys)
     clone.pending_values = list(state.pending_values)
+    clone.recent_ids = list(state.recent_ids)
     return clone
 
 

@@ -10,13 +10,15 @@ Functions here run on the engine's worker thread, never on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from agent_runtime.errors import BudgetExhaustedError
 from agent_runtime.model import NO_POSITION, KVCache, MemorizingTransformer, Retrieval
 from memory import MemoryBank, search_banks
 
@@ -41,6 +43,12 @@ class GenerationState:
     pending_keys: list[Tensor] = field(default_factory=list)  # (n, hs) chunks of the current block
     pending_values: list[Tensor] = field(default_factory=list)
     written: int = 0  # entries written to the bank by this state
+    recent_ids: list[np.ndarray] = field(
+        default_factory=list
+    )  # bank ids written since the engine reset it
+    # Applied to every block's keys before they reach the bank (privacy noising); not persisted.
+    protect: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    memory_stopped: str | None = None  # why no more memories are written (privacy budget spent)
 
     @classmethod
     def new(cls, model: MemorizingTransformer) -> GenerationState:
@@ -55,6 +63,7 @@ class GenerationState:
             "pending_keys": torch.cat(self.pending_keys).cpu() if self.pending_keys else None,
             "pending_values": torch.cat(self.pending_values).cpu() if self.pending_values else None,
             "written": self.written,
+            "memory_stopped": self.memory_stopped,
         }
 
     @classmethod
@@ -65,6 +74,8 @@ class GenerationState:
         v = [t.to(device) for t in sd["v"]]  # type: ignore[attr-defined]
         pos = sd["pos"].to(device)  # type: ignore[attr-defined]
         st = cls(cache=KVCache(k, v, pos), position=int(sd["position"]), written=int(sd["written"]))  # type: ignore[call-overload]
+        stopped = sd.get("memory_stopped")
+        st.memory_stopped = stopped if isinstance(stopped, str) else None
         if sd["pending_keys"] is not None:
             st.pending_keys = [sd["pending_keys"].to(device)]  # type: ignore[attr-defined]
             st.pending_values = [sd["pending_values"].to(device)]  # type: ignore[attr-defined]
@@ -77,6 +88,7 @@ class BankRetriever:
     def __init__(self, banks: Sequence[MemoryBank | None]) -> None:
         self.banks = banks
         self.retrieved = [0] * len(banks)
+        self.seconds = 0.0  # time spent in bank searches
 
     def __call__(self, queries: Tensor, k: int) -> Retrieval:
         B, H, T, hs = queries.shape
@@ -85,6 +97,7 @@ class BankRetriever:
         mask = torch.zeros(B, H, T, k, dtype=torch.bool)
         rows = [b for b, bank in enumerate(self.banks) if bank is not None and len(bank) > 0]
         if rows:
+            started = time.perf_counter()
             q = queries.detach().float().cpu().numpy()
             results = search_banks(
                 [self.banks[b] for b in rows],  # type: ignore[misc]
@@ -96,6 +109,7 @@ class BankRetriever:
                 values[b] = torch.from_numpy(res.values).view(H, T, k, hs)
                 mask[b] = torch.from_numpy(res.mask).view(H, T, k)
                 self.retrieved[b] += int(res.mask.sum())
+            self.seconds += time.perf_counter() - started
         dev = queries.device
         return Retrieval(scores.to(dev), values.to(dev), mask.to(dev))
 
@@ -164,10 +178,17 @@ def flush_block(state: GenerationState, bank: MemoryBank | None) -> None:
     values = torch.cat(state.pending_values).float().cpu().numpy()
     state.pending_keys.clear()
     state.pending_values.clear()
-    if bank is not None:
-        positions = np.arange(state.position - len(keys), state.position, dtype=np.int64)
-        bank.add(keys, values, positions)
-        state.written += len(keys)
+    if bank is None or state.memory_stopped is not None:
+        return
+    if state.protect is not None:
+        try:
+            keys = state.protect(keys)  # DP noise; the ledger is charged durably first
+        except BudgetExhaustedError as exc:
+            state.memory_stopped = str(exc)
+            return
+    positions = np.arange(state.position - len(keys), state.position, dtype=np.int64)
+    state.recent_ids.append(bank.add(keys, values, positions))
+    state.written += len(keys)
 
 
 @torch.no_grad()
@@ -199,9 +220,9 @@ def decode_step(
     states: Sequence[GenerationState],
     tokens: Sequence[int],
     banks: Sequence[MemoryBank | None],
-) -> tuple[Tensor, list[int]]:
+) -> tuple[Tensor, BankRetriever]:
     """One token for each of B sessions in one batched forward; returns logits (B, vocab) and the
-    number of memory entries retrieved per session."""
+    retriever (entries retrieved per session, search time)."""
     device = states[0].cache.pos.device
     idx = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
     pos = torch.tensor([s.position for s in states], dtype=torch.long, device=device)[:, None]
@@ -209,7 +230,7 @@ def decode_step(
     out = model(idx, pos, _stack_caches(states), retriever)
     for b, (state, bank) in enumerate(zip(states, banks, strict=True)):
         _advance(model, state, b, out.cache, out.mem_keys, out.mem_values, 1, bank)
-    return out.logits[:, -1], retriever.retrieved
+    return out.logits[:, -1], retriever
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -91,14 +91,15 @@ class Scheduler:
                 return req
         return None
 
-    def schedule(self) -> Batch:
-        """The next iteration's work. Aborted waiting requests are dropped here."""
+    def schedule(self, *, admit: bool = True) -> Batch:
+        """The next iteration's work. Aborted waiting requests are dropped here; with ``admit``
+        False (a prefill is still in progress) no new request starts."""
         prefill = None
         dropped = [r for r in self.waiting if r.abort_requested]
         for req in dropped:
             self.waiting.remove(req)
             self.finish(req, "cancelled")
-        if self.waiting and len(self.running) < self.max_batch:
+        if admit and self.waiting and len(self.running) < self.max_batch:
             prefill = self.waiting.popleft()
         decode = [r for r in self.running if r.status is RequestStatus.RUNNING]
         if prefill is not None:

@@ -15,22 +15,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
-import shutil
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from agent_runtime.config import PrivacyConfig, ServerConfig
 from agent_runtime.engine import Engine, Generation, OutputCollector, ResponseResult
-from agent_runtime.errors import ConflictError, OverloadedError, SessionNotFoundError
+from agent_runtime.errors import (
+    BankFormatError,
+    ConflictError,
+    OverloadedError,
+    SessionNotFoundError,
+)
 from agent_runtime.generation import GenerationState, SamplingParams
+from agent_runtime.metrics import EngineMetrics
 from agent_runtime.store import SessionMeta, SessionStore
 from agent_runtime.tokenizer import ASSISTANT, encode_turn
 from memory import MemoryBank, MemoryConfig
+from memory.persist import atomic_write
+from privacy.audit import AuditLog
+from privacy.crypto import KeyStore, SessionCipher, tenant_hash
+from privacy.erasure import erase_session
+from privacy.session import SessionPrivacy
 
 __all__ = ["Session", "SessionManager"]
 
@@ -60,12 +74,17 @@ class Session:
         self.directory = directory
         self.meta = meta
         self.pending: list[int] = []  # tokens of items not yet fed to the model
+        self.privacy: SessionPrivacy | None = None
+        self.memory_stop_reported = False
+        self.cipher: SessionCipher | None = None
         self.seq = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=buffer_events)
         self.sender: Sender | None = None
         self.response_id: str | None = None
         self.response_task: asyncio.Task[None] | None = None
         self.detached_at: float | None = None
+        self.no_client = asyncio.Event()  # set while no client is attached
+        self.no_client.set()
         self.closed = False
 
     @property
@@ -87,14 +106,21 @@ class Session:
                 log.info("session %s: client went away during send", self.session_id)
                 self.detach(sender)
 
+    def protect_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Noise a block's keys (worker thread); under the ``message`` unit a turn is the message."""
+        assert self.privacy is not None
+        return self.privacy.protect(keys, message_id=f"turn-{self.meta.turns}")
+
     def attach(self, sender: Sender) -> None:
         self.sender = sender
         self.detached_at = None
+        self.no_client.clear()
 
     def detach(self, sender: Sender | None = None) -> None:
-        if sender is None or self.sender is sender:
+        if sender is None or self.sender == sender:
             self.sender = None
             self.detached_at = time.monotonic()
+            self.no_client.set()
 
     def missed_events(self, last_seq: int) -> list[dict[str, Any]] | None:
         """Buffered events after ``last_seq``, or None when some of them are no longer buffered."""
@@ -114,53 +140,118 @@ class SessionManager:
         store: SessionStore,
         data_dir: Path,
         memory: MemoryConfig,
+        limits: ServerConfig | None = None,
         *,
-        max_sessions: int = 1024,
+        privacy: PrivacyConfig | None = None,
+        keystore: KeyStore | None = None,
+        audit: AuditLog | None = None,
         node_id: str = "",
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.data_dir = data_dir
         self.memory = memory
-        self.max_sessions = max_sessions
+        self.limits = limits or ServerConfig()
         self.node_id = node_id
+        self.metrics = metrics
+        self.privacy = privacy or PrivacyConfig()
+        self.keystore = keystore
+        self.audit = audit
         self.sessions: dict[str, Session] = {}  # key: tenant/session_id
         self.fingerprint = engine.model.cfg.fingerprint()
 
+    def _admit(self, tenant: str) -> None:
+        """Refuse a new live session past the server's or the tenant's limit."""
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise OverloadedError("too many live sessions on this server", retry_after_ms=5000)
+        if (
+            sum(s.tenant == tenant for s in self.sessions.values())
+            >= self.limits.max_sessions_per_tenant
+        ):
+            raise OverloadedError("too many live sessions for this tenant", retry_after_ms=5000)
+
     def directory(self, tenant: str, session_id: str) -> Path:
         # Tenant names are hashed so that no tenant-chosen string becomes a path component.
-        t = hashlib.sha256(tenant.encode()).hexdigest()[:24]
-        return self.data_dir / "sessions" / t / session_id
+        return self.data_dir / "sessions" / tenant_hash(tenant) / session_id
 
-    def _open_bank(self, directory: Path) -> MemoryBank:
+    def _audit(
+        self, tenant: str, action: str, session_id: str | None, **details: str | float | int | None
+    ) -> None:
+        if self.audit is not None:
+            self.audit.append(tenant, action, session_id, **details)
+
+    def _open(self, tenant: str, session_id: str, *, new: bool) -> _Opened:
+        """Open (or create) a session's bank, generation state and privacy state (worker thread).
+
+        Everything on disk is sealed with the session's data key when encryption at rest is on;
+        a file of another tenant or session fails authentication before it is parsed.
+        """
+        directory = self.directory(tenant, session_id)
+        cipher = None
+        if self.keystore is not None:
+            cipher = self.keystore.session_cipher(tenant, session_id, create=new)
         key_dim, value_dim = self.engine.model.memory_dims
-        bank = MemoryBank.open(directory / "bank", key_dim, value_dim, self.memory)
-        bank.meta.setdefault("model_fingerprint", self.fingerprint)
-        if bank.meta["model_fingerprint"] != self.fingerprint:
-            bank.close()
-            from agent_runtime.errors import BankFormatError
-
-            raise BankFormatError(
-                f"bank in {directory} was written by model {bank.meta['model_fingerprint']}, not {self.fingerprint}"
+        bank = MemoryBank.open(directory / "bank", key_dim, value_dim, self.memory, cipher=cipher)
+        try:
+            bank.meta.setdefault("model_fingerprint", self.fingerprint)
+            if bank.meta["model_fingerprint"] != self.fingerprint:
+                raise BankFormatError(
+                    f"bank of session {session_id} was written by model {bank.meta['model_fingerprint']},"
+                    f" not {self.fingerprint}"
+                )
+            privacy = SessionPrivacy.open(
+                directory,
+                self.privacy,
+                unit=self.privacy.unit,
+                budget_epsilon=self.privacy.budget_epsilon or None,
             )
-        return bank
+            state_file = directory / "state.pt"
+            if not new and state_file.exists():
+                blob = state_file.read_bytes()
+                if cipher is not None:
+                    blob = cipher.open(blob, _STATE_AAD)
+                device = next(self.engine.model.parameters()).device
+                state = GenerationState.from_state_dict(
+                    torch.load(io.BytesIO(blob), weights_only=True), device
+                )
+            else:
+                state = GenerationState.new(self.engine.model)
+        except BaseException:
+            bank.close()
+            raise
+        return _Opened(state, bank, privacy, cipher, directory)
+
+    def _register(
+        self, opened: _Opened, session_id: str, tenant: str, meta: SessionMeta
+    ) -> Session:
+        session = Session(
+            session_id,
+            tenant,
+            opened.state,
+            opened.bank,
+            opened.directory,
+            meta,
+            buffer_events=self.limits.event_buffer,
+        )
+        session.privacy = opened.privacy
+        session.cipher = opened.cipher
+        if opened.privacy.enabled:
+            opened.state.protect = session.protect_keys
+        self.sessions[session.key] = session
+        return session
 
     async def create(self, tenant: str, session_id: str, instructions: str = "") -> Session:
-        if len(self.sessions) >= self.max_sessions:
-            raise OverloadedError("too many live sessions on this server", retry_after_ms=5000)
-        directory = self.directory(tenant, session_id)
-
-        def build() -> tuple[GenerationState, MemoryBank]:
-            return GenerationState.new(self.engine.model), self._open_bank(directory)
-
-        state, bank = await self.engine.call(build)
+        self._admit(tenant)
+        opened = await self.engine.call(lambda: self._open(tenant, session_id, new=True))
         now = time.time()
         meta = SessionMeta(session_id, tenant, created_at=now, last_active=now, owner=self.node_id)
         await self.store.create(meta)
-        session = Session(session_id, tenant, state, bank, directory, meta)
+        session = self._register(opened, session_id, tenant, meta)
         if instructions:
             session.pending += encode_turn("system", instructions)
-        self.sessions[session.key] = session
+        self._audit(tenant, "create", session_id)
+        self._audit(tenant, "privacy_params", session_id, **opened.privacy.audit_details())
         log.info("session %s created for tenant %s", session_id, _tenant_tag(tenant))
         return session
 
@@ -170,31 +261,21 @@ class SessionManager:
         A session of another tenant and a session that does not exist give the same error.
         """
         session = self.sessions.get(f"{tenant}/{session_id}")
-        if session is not None:
-            return session
-        meta = await self.store.get(session_id)
-        directory = self.directory(tenant, session_id)
-        if meta is None or meta.tenant != tenant or not (directory / "bank").exists():
-            raise SessionNotFoundError("no such session")
-        if len(self.sessions) >= self.max_sessions:
-            raise OverloadedError("too many live sessions on this server", retry_after_ms=5000)
-        device = next(self.engine.model.parameters()).device
-
-        def load() -> tuple[GenerationState, MemoryBank]:
-            bank = self._open_bank(directory)
-            state_file = directory / "state.pt"
-            if state_file.exists():
-                state = GenerationState.from_state_dict(
-                    torch.load(state_file, weights_only=True), device
-                )
-            else:
-                state = GenerationState.new(self.engine.model)
-            return state, bank
-
-        state, bank = await self.engine.call(load)
-        session = Session(session_id, tenant, state, bank, directory, meta)
-        self.sessions[session.key] = session
-        log.info("session %s loaded from disk (%d memory entries)", session_id, len(bank))
+        if session is None:
+            meta = await self.store.get(session_id)
+            directory = self.directory(tenant, session_id)
+            if meta is None or meta.tenant != tenant or not (directory / "bank").exists():
+                self._audit(tenant, "denied", session_id, code="session_not_found")
+                raise SessionNotFoundError("no such session")
+            self._admit(tenant)
+            opened = await self.engine.call(lambda: self._open(tenant, session_id, new=False))
+            session = self._register(opened, session_id, tenant, meta)
+            session.seq = meta.last_seq
+            session.memory_stop_reported = opened.state.memory_stopped is not None
+            log.info(
+                "session %s loaded from disk (%d memory entries)", session_id, len(opened.bank)
+            )
+        self._audit(tenant, "resume", session_id)
         return session
 
     # -- responses ------------------------------------------------------------------------------
@@ -267,11 +348,24 @@ class SessionManager:
 
     async def _commit(self, session: Session, result: ResponseResult) -> None:
         """Make the turn durable (bank log fsync) and record it in the store before acknowledging."""
+
         def sync() -> int:
             session.bank.sync()
+            _save_state(session)
             return len(session.bank)
 
         entries = await self.engine.call(sync)
+        if session.state.memory_stopped is not None and not session.memory_stop_reported:
+            # The privacy budget is spent: tell the client once, and the auditor.
+            session.memory_stop_reported = True
+            self._audit(session.tenant, "budget_exhausted", session.session_id)
+            await session.emit(
+                {"type": "memory.write_stopped", "reason": "privacy_budget_exhausted"}
+            )
+        if result.memory_written:
+            await session.emit(
+                {"type": "memory.committed", "written": result.memory_written, "entries": entries}
+            )
         session.meta.turns += 1
         session.meta.tokens = session.state.position
         session.meta.bank_entries = entries
@@ -280,11 +374,8 @@ class SessionManager:
             turns=session.meta.turns,
             tokens=session.meta.tokens,
             bank_entries=entries,
+            last_seq=session.seq + 1,  # the response.done that follows
         )
-        if result.memory_written:
-            await session.emit(
-                {"type": "memory.committed", "written": result.memory_written, "entries": entries}
-            )
 
     def cancel(self, session: Session) -> bool:
         return session.response_id is not None and self.engine.abort(session.response_id)
@@ -296,12 +387,13 @@ class SessionManager:
 
         def write() -> int:
             session.bank.snapshot()
-            tmp = session.directory / "state.pt.tmp"
-            torch.save(session.state.state_dict(), tmp)
-            tmp.replace(session.directory / "state.pt")
+            _save_state(session)
             return len(session.bank)
 
+        started = time.perf_counter()
         entries = await self.engine.call(write)
+        if self.metrics is not None:
+            self.metrics.snapshot.observe(time.perf_counter() - started)
         await self.store.update(session.session_id, bank_entries=entries)
 
     async def unload(self, session: Session) -> None:
@@ -315,7 +407,9 @@ class SessionManager:
         self.sessions.pop(session.key, None)
 
     async def delete(self, session: Session) -> None:
-        """Cancel, forget and erase a session: bank files, state, metadata."""
+        """Cancel, forget and erase a session everywhere: the in-memory caches, the data key
+        (crypto-erasure), every bank generation, log and state file, and its Redis keys. The
+        audit log keeps the fact of the erasure, without content."""
         if session.response_task is not None and not session.response_task.done():
             self.cancel(session)
             with contextlib.suppress(asyncio.CancelledError):
@@ -323,9 +417,54 @@ class SessionManager:
         session.closed = True
         await self.engine.call(session.bank.close)
         self.sessions.pop(session.key, None)
-        await self.store.delete(session.session_id, session.tenant)
-        await asyncio.to_thread(shutil.rmtree, session.directory, True)
-        log.info("session %s deleted", session.session_id)
+        session.events.clear()
+        sid, tenant = session.session_id, session.tenant
+
+        async def delete_keys(keys: list[str]) -> None:
+            await self.store.delete(sid, tenant)
+
+        await erase_session(
+            self.data_dir,
+            tenant,
+            sid,
+            self.keystore,
+            delete_keys,
+            [self.store.session_key(sid)],
+            audit=self.audit,
+        )
+        log.info("session %s erased", sid)
+
+    def detached(self, session: Session) -> None:
+        """The session's client went away: cancel its response unless a client resumes within the grace period."""
+        if session.response_id is None:
+            return
+        response_id = session.response_id
+
+        def expire() -> None:
+            if session.sender is None and session.response_id == response_id:
+                log.info(
+                    "session %s: no client resumed within the grace period; cancelling",
+                    session.session_id,
+                )
+                self.engine.abort(response_id)
+
+        asyncio.get_running_loop().call_later(self.limits.disconnect_grace_s, expire)
+
+    async def unload_idle(self, now: float | None = None) -> int:
+        """Snapshot and unload sessions with no client and no response for ``idle_unload_s``."""
+        now = time.monotonic() if now is None else now
+        idle = [
+            s
+            for s in self.sessions.values()
+            if s.sender is None
+            and s.detached_at is not None
+            and now - s.detached_at >= self.limits.idle_unload_s
+            and (s.response_task is None or s.response_task.done())
+        ]
+        for session in idle:
+            await self.unload(session)
+            log.info("session %s unloaded after idling", session.session_id)
+        return len(idle)
 
     async def aclose(self) -> None:
         """Snapshot every live session (graceful shutdown)."""
@@ -334,6 +473,33 @@ class SessionManager:
                 await self.unload(session)
             except Exception:
                 log.exception("could not snapshot session %s", session.session_id)
+
+
+_STATE_AAD = b"agent-runtime generation state v1"
+
+
+@dataclass
+class _Opened:
+    state: GenerationState
+    bank: MemoryBank
+    privacy: SessionPrivacy
+    cipher: SessionCipher | None
+    directory: Path
+
+
+def _save_state(session: Session) -> None:
+    """Persist the generation state durably next to the bank (worker thread), sealed like the bank.
+
+    Written at every commit, so a turn acknowledged by ``response.done`` survives ``kill -9``
+    together with the bank's synced log. The state holds the last window's keys and values,
+    which are derived from the conversation, so it is encrypted at rest like the bank.
+    """
+    buf = io.BytesIO()
+    torch.save(session.state.state_dict(), buf)
+    blob = buf.getvalue()
+    if session.cipher is not None:
+        blob = session.cipher.seal(blob, _STATE_AAD)
+    atomic_write(session.directory / "state.pt", [blob])
 
 
 def _response_body(response_id: str, result: ResponseResult, entries: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -42,6 +42,9 @@ class SessionMeta:
     tokens: int = 0
     bank_entries: int = 0
     snapshot_generation: int = 0
+    last_seq: int = (
+        0  # the session's last server event seq, so seqs keep increasing across restarts
+    )
     owner: str = ""
 
     def to_redis(self) -> dict[str, str]:
@@ -49,13 +52,19 @@ class SessionMeta:
 
     @classmethod
     def from_redis(cls, raw: dict[str, str]) -> SessionMeta:
-        kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, Any] = {}
-        for name, kind in kinds.items():
-            if name not in raw:
-                raise StoreError(f"session metadata is missing field {name!r}")
-            text = raw[name]
-            values[name] = float(text) if kind == "float" else int(text) if kind == "int" else text
+        for f in fields(cls):
+            if f.name not in raw:
+                if f.default is MISSING:
+                    raise StoreError(f"session metadata is missing field {f.name!r}")
+                continue  # written by an older version: keep the default
+            text = raw[f.name]
+            try:
+                values[f.name] = (
+                    float(text) if f.type == "float" else int(text) if f.type == "int" else text
+                )
+            except ValueError:
+                raise StoreError(f"session metadata field {f.name!r} is not a {f.type}") from None
         return cls(**values)
 
 

@@ -207,7 +207,6 @@ class MemoryBank:
             queries,
             k,
             st.bitmap if holes else None,
-            st.alive if holes else None,
             self.config.threads,
         )
         mask = rows >= 0

@@ -7,9 +7,9 @@ and are filtered with a bitmap selector until reused, so eviction never calls ``
 
 Threading (the machine has few cores, shared with the model): FAISS's OpenMP pool is pinned
 to one thread for every single-query and small-batch call (measured: a second thread makes
-a single flat query 2-3x slower) and raised to ``threads`` only for large IVF batches. Large
-exact batches use numpy's BLAS instead (:func:`_exact_batched`); FAISS then runs no parallel
-region, so the two pools never run at the same time.
+a single flat query 2-3x slower) and raised to ``threads`` only for batches of queries (FAISS's
+GEMM path, whose OpenBLAS shares the same OpenMP pool). numpy never runs a BLAS call here, so
+its separate pthread pool stays idle and the pools never run at the same time.
 
 This module (and the benchmark) is where faiss is imported; its errors become
 :class:`MemoryBankError` here.
@@ -17,7 +17,6 @@ This module (and the benchmark) is where faiss is imported; its errors become
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import faiss as _faiss_typed
@@ -30,9 +29,9 @@ __all__ = ["FlatKeys", "IVFKeys", "KeyIndex", "load_index"]
 # faiss ships partial stubs that miss SearchParameters keywords and DirectMap; use it untyped.
 faiss: Any = _faiss_typed
 
-BATCH_EXACT_MIN_QUERIES = 16  # below this, FAISS's single-query scan is at the bandwidth bound
-BATCH_EXACT_MIN_ROWS = 16384
-_BLOCK = 8192  # rows per GEMM block in the batched exact path: (q, 8192) scores stay in cache
+BATCH_MIN_QUERIES = (
+    16  # below this a call runs on one thread (FAISS's scan is then bandwidth-bound)
+)
 _SQ = {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit}
 _IP = faiss.METRIC_INNER_PRODUCT
 
@@ -78,13 +77,12 @@ class KeyIndex:
         queries: np.ndarray,
         k: int,
         bitmap: np.ndarray | None,
-        alive: np.ndarray | None,
         threads: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows by inner product: ``(scores (q,k) f32, rows (q,k) i64)``, -1 padded.
 
-        ``bitmap``/``alive`` (same liveness, packed and unpacked) exclude dead rows; pass
-        None when every row is live.
+        ``bitmap`` (packed liveness, see :class:`~memory.storage.SlotStore`) excludes dead
+        rows; pass None when every row is live.
         """
         raise NotImplementedError
 
@@ -138,15 +136,13 @@ class FlatKeys(KeyIndex):
         queries: np.ndarray,
         k: int,
         bitmap: np.ndarray | None,
-        alive: np.ndarray | None,
         threads: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         q = queries.shape[0]
         if q == 0 or k == 0 or self.ntotal == 0:
             return _empty(q, k)
-        if q >= BATCH_EXACT_MIN_QUERIES and self.ntotal >= BATCH_EXACT_MIN_ROWS:
-            return _exact_batched(queries, self._matrix(), k, alive)
-        _omp(1)
+        # batches go through FAISS's GEMM path; its OpenMP pool gets ``threads`` only then
+        _omp(threads if q >= BATCH_MIN_QUERIES else 1)
         params = None
         if bitmap is not None:
             sel = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
@@ -155,6 +151,8 @@ class FlatKeys(KeyIndex):
             scores, rows = self.index.search(queries, k, params=params)
         except RuntimeError as exc:
             raise MemoryBankError(f"faiss search failed: {exc}") from exc
+        finally:
+            _omp(1)
         return scores, rows
 
 
@@ -212,7 +210,6 @@ class IVFKeys(KeyIndex):
         queries: np.ndarray,
         k: int,
         bitmap: np.ndarray | None,
-        alive: np.ndarray | None,
         threads: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         q = queries.shape[0]
@@ -222,7 +219,7 @@ class IVFKeys(KeyIndex):
             None if bitmap is None else faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
         )
         params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
-        _omp(threads if q >= BATCH_EXACT_MIN_QUERIES else 1)
+        _omp(threads if q >= BATCH_MIN_QUERIES else 1)
         try:
             scores, rows = self.index.search(queries, k, params=params)
         except RuntimeError as exc:
@@ -248,47 +245,3 @@ def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex
     if isinstance(index, faiss.IndexFlatIP | faiss.IndexScalarQuantizer):
         return FlatKeys(dim, storage, index)
     raise BankFormatError(f"unexpected key index type {type(index).__name__}")
-
-
-def _exact_batched(
-    queries: np.ndarray, keys: np.ndarray, k: int, alive: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k for many queries with BLAS GEMMs and a per-query score threshold.
-
-    FAISS's batched flat search spends most of its time in the top-k heaps (measured: no
-    faster per query than single queries at 1M rows). Here the k-th best score within a
-    random sample of the live rows is a lower bound of the true k-th best, so one pass that
-    keeps only scores >= that bound keeps every true top-k entry and about k·n/sample others.
-    """
-    nq, n = queries.shape[0], keys.shape[0]
-    decode: Callable[[np.ndarray], np.ndarray] = (
-        (lambda a: a) if keys.dtype == np.float32 else (lambda a: a.astype(np.float32))
-    )
-    live_rows = np.flatnonzero(alive[:n]) if alive is not None else np.arange(n)
-    rng = np.random.default_rng(n)  # deterministic: the same layout gives the same result
-    pick = np.unique(rng.integers(0, live_rows.shape[0], max(4096, n // 64)))
-    sample = live_rows[pick]
-    tau = np.full(nq, -np.inf, np.float32)
-    if sample.shape[0] >= k:
-        s0 = queries @ decode(keys[sample]).T  # (nq, ns)
-        tau = np.partition(s0, s0.shape[1] - k, axis=1)[:, s0.shape[1] - k]
-    rs, cs, ss = [], [], []
-    for start in range(0, n, _BLOCK):
-        s = queries @ decode(keys[start : start + _BLOCK]).T  # (nq, block)
-        if alive is not None:
-            dead = ~alive[start : start + s.shape[1]]
-            if dead.any():
-                s[:, dead] = -np.inf
-        r, c = np.nonzero((s >= tau[:, None]) & (s > -np.inf))
-        rs.append(r)
-        cs.append(c + start)
-        ss.append(s[r, c])
-    r, c, s = np.concatenate(rs), np.concatenate(cs), np.concatenate(ss)
-    order = np.lexsort((c, -s, r))  # per query: best score first, then lower row
-    r, c, s = r[order], c[order], s[order]
-    rank = np.arange(r.shape[0]) - np.searchsorted(r, r, "left")
-    keep = rank < k
-    scores, rows = _empty(nq, k)
-    scores[r[keep], rank[keep]] = s[keep]
-    rows[r[keep], rank[keep]] = c[keep]
-    return scores, rows

@@ -93,7 +93,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, chunks: list[bytes | memoryview]) -> None:
+def atomic_write(path: Path, chunks: list[bytes | memoryview]) -> None:
     """Write ``path`` so that it is either absent or complete, even across a crash."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -149,7 +149,7 @@ def write_snapshot(
     aad = _PRE.pack(SNAP_MAGIC, FORMAT_VERSION, flags, generation, 0)[:_AAD_LEN]
     body = payload if cipher is None else cipher.seal(payload, aad)
     pre = _PRE.pack(SNAP_MAGIC, FORMAT_VERSION, flags, generation, len(body))
-    _atomic_write(path, [pre, body, _digest(pre, body)])
+    atomic_write(path, [pre, body, _digest(pre, body)])
     return _PRE.size + len(body) + _DIGEST
 
 
@@ -243,7 +243,7 @@ class LogWriter:
         flags = SEALED if cipher is not None else 0
         head = json.dumps(header, separators=(",", ":")).encode()
         prefix = _LOG_HEAD.pack(LOG_MAGIC, FORMAT_VERSION, flags, generation, len(head)) + head
-        _atomic_write(path, [prefix, _digest(prefix)])
+        atomic_write(path, [prefix, _digest(prefix)])
         return cls(path, generation, 0, cipher, open(path, "ab"))
 
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
@@ -31,11 +33,21 @@ from websockets.typing import Subprotocol
 
 from agent_runtime.config import RuntimeConfig, redacted
 from agent_runtime.engine import Engine
-from agent_runtime.errors import ConflictError, ProtocolError, RequestError, StoreError
+from agent_runtime.errors import (
+    AuthenticationError,
+    ConflictError,
+    ProtocolError,
+    RequestError,
+    StoreError,
+)
 from agent_runtime.generation import GenerationState, SamplingParams, prefill
+from agent_runtime.metrics import EngineMetrics, Registry
 from agent_runtime.model import MemorizingTransformer
 from agent_runtime.sessions import Session, SessionManager
 from agent_runtime.store import SessionStore
+from privacy.audit import AuditLog
+from privacy.crypto import KeyStore
+from privacy.tenants import RedisUsedTickets, TenantRegistry, TicketIssuer
 from server import protocol as p
 
 __all__ = ["Server"]
@@ -55,27 +67,69 @@ class Server:
         self.model = model
         self.node_id = uuid.uuid4().hex[:12]
         self.store = SessionStore(config.store)
+        data_dir = Path(config.store.data_dir)
+        # Tenants, keys and the audit log live in the data directory; see docs/privacy.md.
+        self.keystore = KeyStore(data_dir) if config.privacy.encrypt_at_rest else None
+        self.tenants = TenantRegistry(data_dir)
+        self.audit = AuditLog(data_dir / "audit.log")
+        self.tickets: TicketIssuer | None = None
+        self.registry = Registry()
+        self.metrics = EngineMetrics(self.registry)
         self.engine = Engine(
-            model, max_batch=config.engine.max_batch, max_queue=config.engine.max_queue
+            model,
+            max_batch=config.engine.max_batch,
+            max_queue=config.engine.max_queue,
+            metrics=self.metrics,
         )
+        self.engine.batching = config.engine.batching
         self.sessions = SessionManager(
             self.engine,
             self.store,
             Path(config.store.data_dir),
             config.memory,
-            max_sessions=config.server.max_sessions,
+            config.server,
+            privacy=config.privacy,
+            keystore=self.keystore,
+            audit=self.audit,
             node_id=self.node_id,
+            metrics=self.metrics,
         )
+        self._tenant_of: dict[ServerConnection, str] = {}
         self._ws: WsServer | None = None
         self._connections: set[ServerConnection] = set()
+        self._reaper: asyncio.Task[None] | None = None
         self.ready = False
         self.started_at = time.time()
         self._closing = False
-        self.counters: dict[str, float] = {
-            "responses_total": 0,
-            "tokens_total": 0,
-            "errors_total": 0,
-        }
+        r = self.registry
+        r.gauge(
+            "agent_runtime_sessions_active",
+            "Live sessions on this node.",
+            lambda: len(self.sessions.sessions),
+        )
+        r.gauge(
+            "agent_runtime_connections",
+            "Open websocket connections.",
+            lambda: len(self._connections),
+        )
+        r.gauge(
+            "agent_runtime_responses_running",
+            "Responses in the running batch.",
+            lambda: self.engine.load()[0],
+        )
+        r.gauge(
+            "agent_runtime_responses_waiting",
+            "Responses waiting for a batch slot.",
+            lambda: self.engine.load()[1],
+        )
+        r.gauge(
+            "agent_runtime_ready",
+            "1 once the model has produced a token.",
+            lambda: float(self.ready),
+        )
+        self.errors = r.counter(
+            "agent_runtime_client_errors_total", "Error events sent to clients."
+        )
 
     @property
     def port(self) -> int:
@@ -94,6 +148,11 @@ class Server:
     async def start(self) -> None:
         log.info("effective config: %s", redacted(self.config))
         await self.store.open()
+        secret = (self.keystore or KeyStore(Path(self.config.store.data_dir))).derive_secret(
+            "tickets"
+        )
+        used = RedisUsedTickets(self.store.redis, f"{self.config.store.key_prefix}:ticket")
+        self.tickets = TicketIssuer(secret, used, registry=self.tenants)
         self.engine.start()
         cfg = self.config.server
         self._ws = await serve(
@@ -109,6 +168,7 @@ class Server:
             compression=None,  # token deltas are tiny; deflate would cost more than it saves
         )
         await self._warm_up()
+        self._reaper = asyncio.create_task(self._reap_idle(), name="idle-session-reaper")
         log.info("serving on ws://%s:%d%s", cfg.host, self.port, WS_PATH)
 
     async def _warm_up(self) -> None:
@@ -120,6 +180,15 @@ class Server:
         await self.engine.call(run)
         self.ready = True
 
+    async def _reap_idle(self) -> None:
+        period = min(30.0, max(0.5, self.config.server.idle_unload_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.sessions.unload_idle()
+            except Exception:  # keep reaping; the failure is logged with its session
+                log.exception("unloading idle sessions failed")
+
     async def serve_forever(self) -> None:
         assert self._ws is not None
         await self._ws.serve_forever()
@@ -130,6 +199,9 @@ class Server:
             return
         self._closing = True
         self.ready = False
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
         if self._ws is not None:
             self._ws.close(close_connections=False)  # stop accepting new connections
         for session in list(self.sessions.sessions.values()):
@@ -158,6 +230,38 @@ class Server:
 
     # -- HTTP -----------------------------------------------------------------------------------
 
+    def auth_required(self) -> bool:
+        mode = self.config.server.auth
+        return mode == "required" or (mode == "auto" and any(t.active for t in self.tenants.list()))
+
+    async def _authenticate(self, request: Request) -> str:
+        """The tenant of a handshake: ``Authorization: Bearer <api key>`` for services, a
+        single-use ``?ticket=`` for browsers, or the default tenant when auth is off."""
+        header = request.headers.get("Authorization", "")
+        query = parse_qs(urlsplit(request.path).query)
+        if header:
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not key:
+                raise AuthenticationError("Authorization must be 'Bearer <api key>'")
+            return self.tenants.authenticate(key.strip())
+        if "ticket" in query:
+            assert self.tickets is not None
+            return await self.tickets.redeem_ticket(query["ticket"][0])
+        if self.auth_required():
+            raise AuthenticationError(
+                "authentication required: send 'Authorization: Bearer <api key>'"
+            )
+        return DEFAULT_TENANT
+
+    def _origin_allowed(self, request: Request) -> bool:
+        """Browsers send Origin: allow the page's own origin and the configured ones."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True  # not a browser
+        host = request.headers.get("Host", "")
+        allowed = {o.strip() for o in self.config.server.allowed_origins.split(",") if o.strip()}
+        return urlsplit(origin).netloc == host or origin in allowed
+
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -165,7 +269,17 @@ class Server:
                 return conn.respond(HTTPStatus.NOT_FOUND, f"websocket endpoint is {WS_PATH}\n")
             if self._closing:
                 return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+            if not self._origin_allowed(request):
+                self.audit.append("-", "denied", None, code="origin_not_allowed")
+                return conn.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
+            try:
+                self._tenant_of[conn] = await self._authenticate(request)
+            except AuthenticationError as exc:
+                self.audit.append("-", "denied", None, code=exc.code)
+                return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
             return None
+        if path == "/v1/tickets":
+            return await self._ticket(conn, request)
         if path == "/livez":
             return conn.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -180,32 +294,31 @@ class Server:
                 return _response(200, page.read_text(encoding="utf-8"), "text/html; charset=utf-8")
         return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
+    async def _ticket(self, conn: ServerConnection, request: Request) -> Response:
+        """``GET /v1/tickets`` with ``Authorization: Bearer <api key>``: a single-use ticket for a
+        browser's websocket URL, so that no long-lived key ever appears in a URL."""
+        if not request.headers.get("Authorization"):
+            return conn.respond(
+                HTTPStatus.UNAUTHORIZED, "Authorization: Bearer <api key> required\n"
+            )
+        try:
+            tenant = await self._authenticate(request)
+        except AuthenticationError as exc:
+            self.audit.append("-", "denied", None, code=exc.code)
+            return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+        assert self.tickets is not None
+        ttl = 30.0
+        body = json.dumps({"ticket": self.tickets.issue_ticket(tenant, ttl), "expires_in_s": ttl})
+        return _response(200, body, "application/json")
+
     def metrics_text(self) -> str:
-        running, waiting = self.engine.load()
-        lines = [
-            "# HELP agent_runtime_sessions_active Live sessions on this node.",
-            "# TYPE agent_runtime_sessions_active gauge",
-            f"agent_runtime_sessions_active {len(self.sessions.sessions)}",
-            "# HELP agent_runtime_responses_running Responses in the running batch.",
-            "# TYPE agent_runtime_responses_running gauge",
-            f"agent_runtime_responses_running {running}",
-            "# HELP agent_runtime_responses_waiting Responses waiting for a batch slot.",
-            "# TYPE agent_runtime_responses_waiting gauge",
-            f"agent_runtime_responses_waiting {waiting}",
-            "# HELP agent_runtime_tokens_generated_total Tokens generated.",
-            "# TYPE agent_runtime_tokens_generated_total counter",
-            f"agent_runtime_tokens_generated_total {self.engine.tokens_generated}",
-            "# HELP agent_runtime_engine_steps_total Batched decode steps run.",
-            "# TYPE agent_runtime_engine_steps_total counter",
-            f"agent_runtime_engine_steps_total {self.engine.steps}",
-        ]
-        return "\n".join(lines) + "\n"
+        return self.registry.render()
 
     # -- websocket ------------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
         codec = p.CODECS[ws.subprotocol or p.JSON_SUBPROTOCOL]
-        conn = Connection(self, ws, codec, tenant=DEFAULT_TENANT)
+        conn = Connection(self, ws, codec, tenant=self._tenant_of.pop(ws))
         self._connections.add(ws)
         try:
             async for frame in ws:
@@ -245,7 +358,7 @@ class Connection:
             event = p.parse_client_event(raw, max_message_chars=limits.max_message_chars)
             await self.dispatch(event)
         except RequestError as exc:
-            self.server.counters["errors_total"] += 1
+            self.server.errors.inc()
             await self.send_error(exc, event_id)
         except StoreError as exc:
             log.error("session store error: %s", exc)
@@ -373,8 +486,9 @@ class Connection:
         }
 
     def on_close(self) -> None:
-        if self.session is not None:
+        if self.session is not None and self.session.sender == self.send:
             self.session.detach(self.send)
+            self.server.sessions.detached(self.session)
 
 
 def _stats_dict(stats: object) -> dict[str, Any]:

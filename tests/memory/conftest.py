@@ -45,7 +45,9 @@ class XorHmacCipher:
 
     def open(self, ciphertext: bytes, aad: bytes) -> bytes:
         nonce, ct, tag = ciphertext[:16], ciphertext[16:-32], ciphertext[-32:]
-        if not hmac.compare_digest(tag, hmac.new(self.key, aad + nonce + ct, hashlib.sha256).digest()):
+        if not hmac.compare_digest(
+            tag, hmac.new(self.key, aad + nonce + ct, hashlib.sha256).digest()
+        ):
             raise ValueError("authentication failed")
         return (np.frombuffer(ct, np.uint8) ^ self._pad(nonce, len(ct))).tobytes()
 

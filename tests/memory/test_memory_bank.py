@@ -160,14 +160,14 @@ def test_pruned_slots_are_reused(clock: Any) -> None:
     assert_values_match_keys(bank, res)
 
 
-def test_batched_exact_path_matches_single_queries() -> None:
+def test_batched_search_matches_single_queries() -> None:
     rng = np.random.default_rng(9)
     bank = MemoryBank(DK, DV, MemoryConfig(capacity=40_000, eviction="importance"))
     bank.add(*kv(rng, 40_000))
     bank.add(*kv(rng, 5_000))  # importance eviction leaves holes across the store
     queries = rng.standard_normal((64, DK)).astype(np.float32)
     single = [bank.search(q[None], 16) for q in queries]
-    batched = bank.search(queries, 16)  # 64 queries: the BLAS path
+    batched = bank.search(queries, 16)  # 64 queries: FAISS's GEMM path
     for i, res in enumerate(single):
         np.testing.assert_array_equal(batched.ids[i], res.ids[0])
         np.testing.assert_allclose(batched.scores[i], res.scores[0], rtol=1e-5, atol=1e-5)
@@ -184,7 +184,9 @@ def test_search_banks_equals_per_bank_search() -> None:
             keys, values = kv(rng, int(rng.integers(1, 150)))
             a.add(keys, values)
             b.add(keys, values)
-        queries = [rng.standard_normal((int(rng.integers(1, 8)), DK)).astype(np.float32) for _ in banks_a]
+        queries = [
+            rng.standard_normal((int(rng.integers(1, 8)), DK)).astype(np.float32) for _ in banks_a
+        ]
         got = search_banks(banks_a, queries, 6)
         want = [b.search(q, 6) for b, q in zip(banks_b, queries, strict=True)]
         for g, w in zip(got, want, strict=True):
@@ -222,7 +224,7 @@ def test_misuse_raises_memory_bank_errors() -> None:
 
 
 def test_config_validation_names_the_field() -> None:
-    with pytest.raises(ConfigError, match="memory.ivf_storage"):
+    with pytest.raises(ConfigError, match=r"memory\.ivf_storage"):
         MemoryConfig(ivf_storage="int4").validate()
-    with pytest.raises(ConfigError, match="memory.capacity"):
+    with pytest.raises(ConfigError, match=r"memory\.capacity"):
         MemoryBank(DK, DV, MemoryConfig(capacity=0))

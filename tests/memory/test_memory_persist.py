@@ -39,7 +39,11 @@ def filled(directory: Path, config: MemoryConfig | None = None, cipher: Any = No
 def same_answers(a: MemoryBank, b: MemoryBank) -> None:
     q = np.random.default_rng(99).standard_normal((6, DK)).astype(np.float32)
     ra, rb = a.search(q, 7), b.search(q, 7)
-    for x, y in zip((ra.ids, ra.scores, ra.values, ra.mask), (rb.ids, rb.scores, rb.values, rb.mask), strict=True):
+    for x, y in zip(
+        (ra.ids, ra.scores, ra.values, ra.mask),
+        (rb.ids, rb.scores, rb.values, rb.mask),
+        strict=True,
+    ):
         np.testing.assert_array_equal(x, y)
 
 
@@ -65,7 +69,10 @@ def test_previous_generation_is_removed_only_after_the_new_one(tmp_path: Path) -
     bank = filled(tmp_path / "a")
     bank.snapshot()
     bank.snapshot()
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["log-00000002.wal", "snapshot-00000002.bank"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "log-00000002.wal",
+        "snapshot-00000002.bank",
+    ]
     # the disk after a crash between renaming snapshot 3 and starting its log
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     bank.snapshot()
@@ -73,7 +80,10 @@ def test_previous_generation_is_removed_only_after_the_new_one(tmp_path: Path) -
     (tmp_path / "b" / "snapshot-00000004.bank.tmp").write_bytes(b"half-written")
     bank.close()
     with MemoryBank.open(tmp_path / "b", DK, DV, MemoryConfig(capacity=50)) as reopened:
-        assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["log-00000003.wal", "snapshot-00000003.bank"]
+        assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+            "log-00000003.wal",
+            "snapshot-00000003.bank",
+        ]
         assert len(reopened) == 50
 
 
@@ -101,7 +111,9 @@ def test_policy_change_on_reopen_starts_a_new_generation(tmp_path: Path) -> None
     assert bank.stats().generation == 1
     bank.add(*kv(np.random.default_rng(1), 5))
     bank.close()
-    with MemoryBank.open(tmp_path, DK, DV, MemoryConfig(capacity=20, eviction="importance")) as again:
+    with MemoryBank.open(
+        tmp_path, DK, DV, MemoryConfig(capacity=20, eviction="importance")
+    ) as again:
         assert len(again) == 20
 
 
@@ -144,7 +156,9 @@ def _damage(path: Path, how: str, at: int) -> None:
 
 
 @pytest.mark.parametrize("sealed", [False, True])
-def test_corrupt_snapshot_is_a_format_error_never_a_crash(tmp_path: Path, cipher: Any, sealed: bool) -> None:
+def test_corrupt_snapshot_is_a_format_error_never_a_crash(
+    tmp_path: Path, cipher: Any, sealed: bool
+) -> None:
     c = cipher if sealed else None
     bank = filled(tmp_path / "src", cipher=c)
     bank.snapshot()

@@ -42,7 +42,9 @@ class Reference:
         gone = []
         for i, e in self.entries.items():
             w, r = float(e["written"]), float(e["retrieved"])  # type: ignore[arg-type]
-            if (c.ttl_s > 0 and now > w + c.ttl_s) or (c.staleness_s > 0 and now > max(r + c.staleness_s, w + c.min_age_s)):
+            if (c.ttl_s > 0 and now > w + c.ttl_s) or (
+                c.staleness_s > 0 and now > max(r + c.staleness_s, w + c.min_age_s)
+            ):
                 gone.append(i)
         for i in gone:
             del self.entries[i]
@@ -87,7 +89,12 @@ class Reference:
             e["retrieved"] = now
 
 
-@settings(max_examples=30, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 class BankMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -180,7 +187,9 @@ class BankMachine(RuleBasedStateMachine):
         a, b = self.bank.search(queries, k), replica.search(queries, k)
         replica.close()
         shutil.rmtree(copy)
-        for x, y in zip((a.ids, a.scores, a.values, a.mask), (b.ids, b.scores, b.values, b.mask), strict=True):
+        for x, y in zip(
+            (a.ids, a.scores, a.values, a.mask), (b.ids, b.scores, b.values, b.mask), strict=True
+        ):
             np.testing.assert_array_equal(x, y)
         self.ref.expire(self.clock.now)
         self.ref.touch(a.ids[a.mask], self.clock.now)
@@ -194,8 +203,12 @@ class BankMachine(RuleBasedStateMachine):
         assert len(self.bank) == len(live) <= self.config.capacity
         if live:
             keys, values = self.bank.get(np.array(live))
-            np.testing.assert_array_equal(keys, np.stack([self.ref.entries[i]["key"] for i in live]))  # type: ignore[misc]
-            np.testing.assert_array_equal(values, np.stack([self.ref.entries[i]["value"] for i in live]))  # type: ignore[misc]
+            np.testing.assert_array_equal(
+                keys, np.stack([self.ref.entries[i]["key"] for i in live])
+            )  # type: ignore[misc]
+            np.testing.assert_array_equal(
+                values, np.stack([self.ref.entries[i]["value"] for i in live])
+            )  # type: ignore[misc]
 
 
 TestBankMachine = BankMachine.TestCase

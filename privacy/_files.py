@@ -1,0 +1,96 @@
+"""Durable file primitives shared by the privacy modules (keys, tenants, ledgers, audit log).
+
+Every file written here is either absent or complete after a crash: it is written to a
+temporary sibling, fsynced, renamed over the target, and the directory is fsynced so the
+rename itself is durable. Files are created owner-only (0600) because several of them hold
+key material or credential hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_create", "atomic_write", "ensure_private_dir", "fsync_dir", "locked"]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (creations, renames, unlinks) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_private_dir(directory: Path) -> Path:
+    """Create ``directory`` (and parents) owner-only if missing; returns it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return directory
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (tmp + fsync + rename + fsync dir)."""
+    # A unique temporary name, so two writers never interleave bytes in one temp file.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_create(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
+    """Create ``path`` with ``data`` only if it does not exist; True if this call created it.
+
+    The complete file appears at once (``link`` of a fsynced temporary, which fails if the
+    name exists), so concurrent creators agree on one content: the loser reads the winner's.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return True
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``lock_path`` across processes.
+
+    Read-modify-write cycles of shared files (the tenant registry, the audit log) run under
+    it, so the CLI and a running server never lose each other's updates.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
