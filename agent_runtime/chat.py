@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--session", metavar="ID", help="resume this session instead of creating one"
     )
     parser.add_argument("--msgpack", action="store_true", help="speak msgpack instead of JSON")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("AGENT_RUNTIME_API_KEY"),
+        help="tenant API key (env AGENT_RUNTIME_API_KEY), sent as Authorization: Bearer",
+    )
     parser.add_argument("--instructions", default="", help="system instructions of a new session")
     parser.add_argument("--max-tokens", type=int, help="most tokens per reply (server default)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (server default)")
@@ -112,7 +118,9 @@ class _Chat:
             loop.add_signal_handler(signal.SIGINT, self.on_interrupt)
         codec: CodecName = "msgpack" if self.args.msgpack else "json"
         try:
-            async with AgentClient(self.args.url, codec=codec, headers=self.headers) as client:
+            async with AgentClient(
+                self.args.url, codec=codec, headers=self.headers, api_key=self.args.api_key
+            ) as client:
                 self.client = client
                 if self.args.session:
                     info = await client.resume(self.args.session, 0)

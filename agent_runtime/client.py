@@ -27,6 +27,7 @@ Exceptions::
     └── ClientError               failures on this side of the socket
         ├── ClientStateError      misuse: not connected, no session, a response already streaming
         ├── DisconnectedError     could not connect, or the connection dropped: ``reconnect()``
+        ├── RejectedError         the server refused the handshake (401 bad API key, 403 origin...)
         └── EventsLostError       a resume found events after last_seq no longer buffered
 """
 
@@ -46,7 +47,7 @@ from typing import Any, Literal
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
 from agent_runtime.errors import AgentRuntimeError, RequestError
@@ -61,6 +62,7 @@ __all__ = [
     "DisconnectedError",
     "EventsLostError",
     "MemoryStats",
+    "RejectedError",
     "RemoteError",
     "Response",
     "SessionInfo",
@@ -138,6 +140,14 @@ class ClientStateError(ClientError):
 
 class DisconnectedError(ClientError):
     """The connection could not be opened or was lost; :meth:`AgentClient.reconnect` resumes."""
+
+
+class RejectedError(ClientError):
+    """The server refused the websocket handshake; ``status_code`` says why (401, 403, 503...)."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class EventsLostError(ClientError):
@@ -334,7 +344,8 @@ class AgentClient:
     Args:
         url: the websocket endpoint, ``ws://HOST:PORT/v1/realtime``.
         codec: ``"json"`` (text frames) or ``"msgpack"`` (binary frames); picks the subprotocol.
-        headers: extra HTTP headers for the opening handshake (e.g. ``Authorization``).
+        headers: extra HTTP headers for the opening handshake.
+        api_key: the tenant's API key, sent as ``Authorization: Bearer <api_key>``.
         timeout: seconds to wait for the reply of a request (None: forever). Streaming a
             response is not bounded by it; wrap it in ``asyncio.timeout`` if needed.
     """
@@ -345,6 +356,7 @@ class AgentClient:
         *,
         codec: CodecName = "json",
         headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
         timeout: float | None = 30.0,
     ) -> None:
         if codec not in SUBPROTOCOLS:
@@ -353,6 +365,8 @@ class AgentClient:
         self.codec: CodecName = codec
         self.subprotocol = SUBPROTOCOLS[codec]
         self.headers = dict(headers or {})
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = timeout
         self.state = ClientState.UNOPENED
         self.session_id: str | None = None
@@ -399,6 +413,12 @@ class AgentClient:
                 compression=None,
                 max_size=None,
             )
+        except InvalidStatus as exc:
+            status = int(exc.response.status_code)
+            body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
+            raise RejectedError(
+                f"{self.url} refused the connection: HTTP {status} {body}".rstrip(), status
+            ) from exc
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             raise DisconnectedError(f"could not connect to {self.url}: {exc}") from exc
         if ws.subprotocol != self.subprotocol:

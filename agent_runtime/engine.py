@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import threading
 import time
@@ -246,30 +247,14 @@ class Engine:
             if req is self._prefilling:
                 continue
             if req.abort_requested:
-                self._close(req, cancelled=True)
+                self._isolated(req, functools.partial(self._close, req, cancelled=True))
             else:
                 rows.append(req)
         new = self._prefilling
         if new is not None:
-            g: Generation = new.payload
-            if new.abort_requested and g.checkpoint is None:
-                # Cancelled during its prompt: the prompt is kept, the reply never started.
+            self._isolated(new, lambda: self._prefill_chunk(new))
+            if new.status is RequestStatus.FINISHED:
                 self._prefilling = None
-                prefill(self.model, g.state, [*g.prompt[g.prompt_pos :], END], g.bank)
-                self._finish(new, "cancelled")
-            else:
-                W = self.model.cfg.window
-                chunk = g.prompt[g.prompt_pos : g.prompt_pos + W - g.state.position % W]
-                logits = prefill(self.model, g.state, chunk, g.bank)
-                g.prompt_pos += len(chunk)
-                if self.metrics is not None:
-                    self.metrics.prompt_tokens.inc(len(chunk))
-                if g.prompt_pos >= len(g.prompt):
-                    self._prefilling = None
-                    g.state.recent_ids = []  # ids the reply writes, removed again if it is rolled back
-                    g.checkpoint = _clone_state(g.state)
-                    assert logits is not None
-                    self._accept(new, self._sample(logits, g))
         if not rows:
             return
         groups = [rows] if self.batching else [[r] for r in rows]
@@ -288,7 +273,43 @@ class Engine:
                 self.metrics.retrieval.observe(retriever.seconds)
             for req, g, row, n in zip(group, gens, logits, retriever.retrieved, strict=True):
                 g.retrieved += n
-                self._accept(req, self._sample(row, g))
+                self._isolated(req, functools.partial(self._accept_logits, req, row))
+
+    def _accept_logits(self, req: Request, logits: torch.Tensor) -> None:
+        self._accept(req, self._sample(logits, req.payload))
+
+    def _prefill_chunk(self, req: Request) -> None:
+        """Feed the next block-aligned chunk of a prompt; sample the first token after the last."""
+        g: Generation = req.payload
+        if req.abort_requested and g.checkpoint is None:
+            # Cancelled during its prompt: the prompt is kept, the reply never started.
+            self._prefilling = None
+            prefill(self.model, g.state, [*g.prompt[g.prompt_pos :], END], g.bank)
+            self._finish(req, "cancelled")
+            return
+        W = self.model.cfg.window
+        chunk = g.prompt[g.prompt_pos : g.prompt_pos + W - g.state.position % W]
+        logits = prefill(self.model, g.state, chunk, g.bank)
+        g.prompt_pos += len(chunk)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(chunk))
+        if g.prompt_pos >= len(g.prompt):
+            self._prefilling = None
+            g.state.recent_ids = []  # ids the reply writes, removed again if it is rolled back
+            g.checkpoint = _clone_state(g.state)
+            assert logits is not None
+            self._accept(req, self._sample(logits, g))
+
+    def _isolated(self, req: Request, work: Callable[[], None]) -> None:
+        """Run one request's share of a step; a failure fails that request only."""
+        try:
+            work()
+        except Exception as exc:
+            log.exception("request %s failed", req.request_id)
+            if req is self._prefilling:
+                self._prefilling = None
+            if req.status is not RequestStatus.FINISHED:
+                self._finish(req, "error", error=str(exc))
 
     def _sample(self, logits: torch.Tensor, g: Generation) -> int:
         # A reply may contain bytes and END, never another role token.

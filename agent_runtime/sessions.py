@@ -80,6 +80,7 @@ class Session:
         self.seq = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=buffer_events)
         self.sender: Sender | None = None
+        self.client: object = None  # the attached connection
         self.response_id: str | None = None
         self.response_task: asyncio.Task[None] | None = None
         self.detached_at: float | None = None
@@ -111,14 +112,17 @@ class Session:
         assert self.privacy is not None
         return self.privacy.protect(keys, message_id=f"turn-{self.meta.turns}")
 
-    def attach(self, sender: Sender) -> None:
+    def attach(self, sender: Sender, client: object = None) -> None:
+        """Route live events to ``sender`` (``client`` identifies the connection that owns it)."""
         self.sender = sender
+        self.client = client
         self.detached_at = None
         self.no_client.clear()
 
     def detach(self, sender: Sender | None = None) -> None:
         if sender is None or self.sender == sender:
             self.sender = None
+            self.client = None
             self.detached_at = time.monotonic()
             self.no_client.set()
 

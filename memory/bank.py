@@ -26,7 +26,7 @@ import numpy as np
 from agent_runtime.errors import BankCapacityError, MemoryBankError
 from memory.config import MemoryConfig
 from memory.index import FlatKeys, IVFKeys, KeyIndex
-from memory.persist import ADD, PRUNE, TOUCH, Cipher, LogWriter
+from memory.persist import ADD, PRUNE, REMOVE, TOUCH, Cipher, LogWriter
 from memory.policy import MinQueue, expiry_keys, fifo_keys, importance_keys
 from memory.storage import SlotStore
 
@@ -234,6 +234,22 @@ class MemoryBank:
         """
         self._check_open()
         return self._expire(self._now() if now is None else float(now))
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove live entries by id (e.g. the memories of a cancelled reply); returns how many.
+
+        Unknown or already removed ids raise :class:`MemoryBankError` and remove nothing. With a
+        directory the removal is logged, so a replay never resurrects the entries.
+        """
+        self._check_open()
+        ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
+        if ids.shape[0] == 0:
+            return 0
+        slots = self._slots_of(ids)
+        if self._log is not None:
+            self._log.append(REMOVE, ids.tobytes())
+        self._store.release(slots)
+        return int(slots.shape[0])
 
     def stats(self) -> BankStats:
         st = self._store

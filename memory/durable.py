@@ -28,6 +28,7 @@ from memory.persist import (
     ADD,
     META,
     PRUNE,
+    REMOVE,
     TOUCH,
     Cipher,
     LogRecord,
@@ -116,6 +117,9 @@ def _replay(bank: MemoryBank, rec: LogRecord) -> None:
         (now,) = _PRUNE.unpack(body)
         bank._last_time = max(bank._last_time, now)
         bank._expire(now)
+    elif rec.type == REMOVE:
+        (ids,) = _split(body, 0, [("<i8", len(body) // 8)])
+        bank._store.release(bank._slots_of(ids))
     elif rec.type == META:
         meta = json.loads(body)
         if not isinstance(meta, dict):
@@ -278,7 +282,7 @@ def open_bank(
         for rec in records:
             try:
                 _replay(bank, rec)
-            except (ValueError, struct.error, json.JSONDecodeError) as exc:
+            except (ValueError, struct.error, json.JSONDecodeError, MemoryBankError) as exc:
                 raise BankFormatError(
                     f"{log_path.name}: record {rec.seq} does not replay: {exc}"
                 ) from exc

@@ -64,7 +64,7 @@ MAX_RECORD = 1 << 30
 DTYPES = ("<f2", "<f4", "<f8", "<i8", "|b1", "|u1")
 
 # log record types
-ADD, TOUCH, PRUNE, META = 1, 2, 3, 4
+ADD, TOUCH, PRUNE, META, REMOVE = 1, 2, 3, 4, 5
 
 
 class Cipher(Protocol):
@@ -324,7 +324,7 @@ def read_log(
             if stop == len(data):
                 break  # torn last record
             raise BankFormatError(f"{name}: record {len(records)} at byte {pos} is corrupt")
-        if seq != len(records) or rtype not in (ADD, TOUCH, PRUNE, META):
+        if seq != len(records) or rtype not in (ADD, TOUCH, PRUNE, META, REMOVE):
             raise BankFormatError(f"{name}: record {len(records)} at byte {pos} is out of sequence")
         if cipher is not None:
             body = _open_sealed(

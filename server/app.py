@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
@@ -95,6 +95,7 @@ class Server:
             metrics=self.metrics,
         )
         self._tenant_of: dict[ServerConnection, str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._ws: WsServer | None = None
         self._connections: set[ServerConnection] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -179,6 +180,12 @@ class Server:
 
         await self.engine.call(run)
         self.ready = True
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a small background job owned by the server (kept referenced until done)."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _reap_idle(self) -> None:
         period = min(30.0, max(0.5, self.config.server.idle_unload_s / 4))
@@ -280,6 +287,9 @@ class Server:
             return None
         if path == "/v1/tickets":
             return await self._ticket(conn, request)
+        if path == "/v1/auth":  # lets the web page know whether to ask for an API key
+            body = json.dumps({"required": self.auth_required()})
+            return _response(200, body, "application/json")
         if path == "/livez":
             return conn.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -402,7 +412,6 @@ class Connection:
                     exc.event_id = event.event_id
                     raise
                 missed = session.missed_events(event.last_seq)
-                self.attach(session, replay=False)
                 await self.send(
                     {
                         "event_id": p.new_id("evt"),
@@ -413,8 +422,20 @@ class Connection:
                         "events_lost": missed is None,
                     }
                 )
-                for e in missed or []:
-                    await self.send(e)
+                # Replay in seq order, including events emitted while replaying; attach with no
+                # await after the last check, so live events can never overtake replayed ones.
+                last = event.last_seq
+                while missed:
+                    for e in missed:
+                        await self.send(e)
+                        last = e["seq"]
+                    missed = session.missed_events(last)
+                self.attach(session)
+            return
+        if isinstance(event, p.Ping) and self.session is None:
+            await self.send(
+                {"event_id": p.new_id("evt"), "seq": 0, "type": "pong", "data": event.data}
+            )
             return
         session = self.require_session(event)
         if isinstance(event, p.ItemCreate):
@@ -472,9 +493,14 @@ class Connection:
         elif isinstance(event, p.Ping):
             await session.emit({"type": "pong", "data": event.data})
 
-    def attach(self, session: Session, replay: bool = False) -> None:
+    def attach(self, session: Session) -> None:
+        """Make this connection the session's only client; a previous one is closed (4000)."""
+        previous = session.client
         self.session = session
-        session.attach(self.send)
+        session.attach(self.send, self)
+        if isinstance(previous, Connection) and previous is not self:
+            previous.session = None
+            self.server.spawn(previous.ws.close(4000, "session resumed on another connection"))
 
     def session_body(self, session: Session) -> dict[str, Any]:
         return {
@@ -486,7 +512,7 @@ class Connection:
         }
 
     def on_close(self) -> None:
-        if self.session is not None and self.session.sender == self.send:
+        if self.session is not None and self.session.client is self:
             self.session.detach(self.send)
             self.server.sessions.detached(self.session)
 

@@ -19,6 +19,7 @@ from agent_runtime.client import (
     ClientStateError,
     CodecName,
     DisconnectedError,
+    RejectedError,
     RemoteError,
     Response,
 )
@@ -28,7 +29,7 @@ from server.app import Server
 from tests.conftest import TIMEOUT, make_config, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAT = [sys.executable, "-c", "import sys; from agent_runtime.chat import main; sys.exit(main(sys.argv[1:]))"]  # fmt: skip
+CHAT = [sys.executable, "-m", "agent_runtime", "chat"]  # = ``agent-runtime chat``
 
 
 def url(server: Server) -> str:
@@ -127,6 +128,14 @@ async def test_error_events_raise_a_typed_error_with_code_and_event_id(tmp_path:
             with pytest.raises(RemoteError) as info:
                 await other.resume("sess_does_not_exist")
             assert info.value.code == "session_not_found"
+
+        # Handshake failures are client-side errors with the HTTP status.
+        with pytest.raises(RejectedError) as rejected:
+            await AgentClient(f"ws://127.0.0.1:{server.port}/v2/nowhere").connect()
+        assert rejected.value.status_code == 404
+        gone = url(server)
+    with pytest.raises(DisconnectedError):  # nothing listens there any more
+        await AgentClient(gone).connect()
 
 
 async def test_resume_after_a_dropped_connection_replays_the_missed_events(

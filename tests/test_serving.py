@@ -8,6 +8,7 @@ import json
 import urllib.request
 from pathlib import Path
 
+import pytest
 from websockets.exceptions import ConnectionClosed
 
 from agent_runtime.config import RuntimeConfig
@@ -72,23 +73,27 @@ async def test_overload_answers_with_retry_after_instead_of_hanging(tmp_path: Pa
     config.engine.max_batch = 1
     config.engine.max_queue = 1
     config.generation.max_tokens = 2000
-    async with running_server(config) as server:
-        async with client(server) as a, client(server) as b, client(server) as c:
-            for x in (a, b, c):
-                await x.create_session()
-            await a.send({"type": "response.create"})
-            await a.until("response.output_text.delta")  # running, so the queue is empty
-            await b.send({"type": "response.create"})  # queued
-            await b.until("response.created")
-            await c.send({"type": "response.create", "event_id": "third"})
-            err, _ = await c.until("error")
-            assert err["error"]["code"] == "overloaded"
-            assert err["error"]["retry_after_ms"] > 0
-            assert err["error"]["event_id"] == "third"
-            for x in (a, b):
-                await x.send({"type": "response.cancel"})
-                done, _ = await x.until("response.done")
-                assert done["response"]["status"] == "cancelled"
+    async with (
+        running_server(config) as server,
+        client(server) as a,
+        client(server) as b,
+        client(server) as c,
+    ):
+        for x in (a, b, c):
+            await x.create_session()
+        await a.send({"type": "response.create"})
+        await a.until("response.output_text.delta")  # running, so the queue is empty
+        await b.send({"type": "response.create"})  # queued
+        await b.until("response.created")
+        await c.send({"type": "response.create", "event_id": "third"})
+        err, _ = await c.until("error")
+        assert err["error"]["code"] == "overloaded"
+        assert err["error"]["retry_after_ms"] > 0
+        assert err["error"]["event_id"] == "third"
+        for x in (a, b):
+            await x.send({"type": "response.cancel"})
+            done, _ = await x.until("response.done")
+            assert done["response"]["status"] == "cancelled"
 
 
 async def test_session_limit_per_tenant(tmp_path: Path) -> None:
@@ -180,16 +185,20 @@ async def test_graceful_shutdown_says_going_away_and_closes_with_1001(
             await server.aclose()
             going, _ = await c.until("server.going_away")
             assert going["reason"] == "shutdown"
-            try:
+
+            async def drain() -> None:
                 async with asyncio.timeout(TIMEOUT):
                     while True:
                         await c.ws.recv()
-            except ConnectionClosed as exc:
-                assert exc.rcvd is not None and exc.rcvd.code == 1001
+
+            with pytest.raises(ConnectionClosed) as info:
+                await drain()
+            assert info.value.rcvd is not None
+            assert info.value.rcvd.code == 1001
     finally:
         await server_cm.__aexit__(None, None, None)
     # Every live bank was snapshotted.
-    assert list(Path(config.store.data_dir).glob("sessions/*/*/state.pt"))
+    assert list(Path(config.store.data_dir).glob("sessions/*/*/state.pt"))  # noqa: ASYNC240
 
 
 async def test_metrics_are_prometheus_text_without_session_labels(config: RuntimeConfig) -> None:

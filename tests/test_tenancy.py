@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
-import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,8 +29,13 @@ def url(server: object) -> str:
 
 def connect_as(server: object, key: str | None = None, query: str = "", **kw: object):  # type: ignore[no-untyped-def]
     headers = {"Authorization": f"Bearer {key}"} if key else None
-    return connect(url(server) + query, subprotocols=["agent-runtime.v1.json"], additional_headers=headers,  # type: ignore[list-item]
-                   open_timeout=TIMEOUT, **kw)  # type: ignore[arg-type]
+    return connect(
+        url(server) + query,
+        subprotocols=["agent-runtime.v1.json"],
+        additional_headers=headers,  # type: ignore[list-item]
+        open_timeout=TIMEOUT,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -39,7 +44,9 @@ def tenants(config: RuntimeConfig) -> dict[str, str]:
     return {"acme": registry.add("acme"), "globex": registry.add("globex")}
 
 
-async def test_authentication_is_required_once_tenants_exist(config: RuntimeConfig, tenants: dict[str, str]) -> None:
+async def test_authentication_is_required_once_tenants_exist(
+    config: RuntimeConfig, tenants: dict[str, str]
+) -> None:
     async with running_server(config) as server:
         with pytest.raises(InvalidStatus) as info:
             async with connect_as(server):
@@ -57,7 +64,9 @@ async def test_authentication_is_required_once_tenants_exist(config: RuntimeConf
     assert '"denied"' in log and '"create"' in log
 
 
-async def test_a_tenant_cannot_reach_another_tenants_session(config: RuntimeConfig, tenants: dict[str, str]) -> None:
+async def test_a_tenant_cannot_reach_another_tenants_session(
+    config: RuntimeConfig, tenants: dict[str, str]
+) -> None:
     async with running_server(config) as server:
         async with connect_as(server, tenants["acme"]) as ws:
             a = Client(ws)
@@ -67,7 +76,9 @@ async def test_a_tenant_cannot_reach_another_tenants_session(config: RuntimeConf
             b = Client(ws)
             await b.send({"type": "session.resume", "session_id": sid, "event_id": "steal"})
             stolen = await b.recv()
-            await b.send({"type": "session.resume", "session_id": "sess_doesnotexist", "event_id": "missing"})
+            await b.send(
+                {"type": "session.resume", "session_id": "sess_doesnotexist", "event_id": "missing"}
+            )
             missing = await b.recv()
         # The same answer whether the session exists for someone else or not at all.
         for err in (stolen, missing):
@@ -81,12 +92,16 @@ async def test_a_tenant_cannot_reach_another_tenants_session(config: RuntimeConf
             assert resumed["session"]["memory_entries"] > 0
 
 
-async def test_browser_tickets_are_single_use_and_need_a_key(config: RuntimeConfig, tenants: dict[str, str]) -> None:
+async def test_browser_tickets_are_single_use_and_need_a_key(
+    config: RuntimeConfig, tenants: dict[str, str]
+) -> None:
     async with running_server(config) as server:
         base = f"http://127.0.0.1:{server.port}/v1/tickets"
 
         def get(key: str | None) -> tuple[int, str]:
-            req = urllib.request.Request(base, headers={"Authorization": f"Bearer {key}"} if key else {})
+            req = urllib.request.Request(
+                base, headers={"Authorization": f"Bearer {key}"} if key else {}
+            )
             try:
                 with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
                     return resp.status, resp.read().decode()
@@ -121,7 +136,9 @@ def scan(directory: Path, needle: bytes) -> list[Path]:
     return [p for p in directory.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-async def test_erasure_removes_the_session_everywhere_and_leaves_others_alone(config: RuntimeConfig) -> None:
+async def test_erasure_removes_the_session_everywhere_and_leaves_others_alone(
+    config: RuntimeConfig,
+) -> None:
     sentinel = "SENTINEL-" + secrets.token_hex(8)
     data = Path(config.store.data_dir)
     async with running_server(config) as server:
@@ -136,7 +153,9 @@ async def test_erasure_removes_the_session_everywhere_and_leaves_others_alone(co
             session = server.sessions.sessions[f"default/{sid}"]
             directory = session.directory
             assert directory.exists()
-            assert not scan(data, sentinel.encode()), "conversation text is never stored in plaintext"
+            assert not scan(data, sentinel.encode()), (
+                "conversation text is never stored in plaintext"
+            )
             r = redis.Redis(unix_socket_path=server.store.url.removeprefix("unix://"))
             try:
                 assert r.exists(server.store.session_key(sid))
@@ -175,15 +194,20 @@ async def test_noised_keys_are_charged_to_the_ledger_and_reported(tmp_path: Path
         # Stored keys are noised: clean memory keys have unit norm, noised ones do not.
         norms = (keys**2).sum(1) ** 0.5
         assert abs(float(norms.mean()) - 1.0) > 0.5
-    out = subprocess.run(
+    out = subprocess.run(  # noqa: ASYNC221 - the server is closed; nothing else runs
         [sys.executable, "-m", "agent_runtime", "audit", "--data-dir", config.store.data_dir],
-        capture_output=True, text=True, check=True, timeout=TIMEOUT * 3,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=TIMEOUT * 3,
     ).stdout
     assert sid in out
     assert "0.5" in out  # sigma
 
 
-async def test_spent_privacy_budget_stops_memory_writes_and_tells_the_client(tmp_path: Path) -> None:
+async def test_spent_privacy_budget_stops_memory_writes_and_tells_the_client(
+    tmp_path: Path,
+) -> None:
     config = make_config(tmp_path)
     config.privacy.noise_sigma = 1.0
     config.privacy.unit = "message"
@@ -192,7 +216,9 @@ async def test_spent_privacy_budget_stops_memory_writes_and_tells_the_client(tmp
     async with running_server(config) as server, connect_as(server) as ws:
         c = Client(ws)
         await c.create_session()
-        await c.send({"type": "conversation.item.create", "item": {"role": "user", "content": "b" * 400}})
+        await c.send(
+            {"type": "conversation.item.create", "item": {"role": "user", "content": "b" * 400}}
+        )
         await c.send({"type": "response.create", "response": {"max_tokens": 3}})
         stopped, _ = await c.until("memory.write_stopped")
         assert stopped["reason"] == "privacy_budget_exhausted"

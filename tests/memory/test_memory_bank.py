@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -228,3 +229,31 @@ def test_config_validation_names_the_field() -> None:
         MemoryConfig(ivf_storage="int4").validate()
     with pytest.raises(ConfigError, match=r"memory\.capacity"):
         MemoryBank(DK, DV, MemoryConfig(capacity=0))
+
+
+def test_remove_by_id_is_durable_and_never_returns_the_entries(tmp_path: Path) -> None:
+    """Removing a cancelled reply's memories: gone from search, and a reload does not resurrect them."""
+    from memory import MemoryBank
+
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((40, 8)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)  # unit keys: each is its own best match
+    values = rng.standard_normal((40, 4)).astype(np.float32)
+    bank = MemoryBank.open(tmp_path / "b", 8, 4)
+    ids = bank.add(keys, values)
+    assert bank.remove(ids[10:20]) == 10
+    with pytest.raises(MemoryBankError):
+        bank.remove(ids[10:11])  # already removed
+    bank.sync()
+    res = bank.search(keys[10:20], 5)
+    assert not np.isin(res.ids, ids[10:20]).any()
+    assert len(bank) == 30
+    bank.close()
+    again = MemoryBank.open(tmp_path / "b", 8, 4)
+    assert len(again) == 30
+    np.testing.assert_array_equal(again.live_ids(), np.concatenate([ids[:10], ids[20:]]))
+    again.add(keys[10:15], values[10:15])  # freed slots are reused without mixing values
+    _, stored = again.get(again.live_ids())
+    res = again.search(again.get(again.live_ids())[0], 1)
+    np.testing.assert_array_equal(res.values[:, 0], stored)
+    again.close()

@@ -1,0 +1,206 @@
+"""``agent-runtime eval recall|ppl``: does the model remember, and does memory help?
+
+* ``recall``: facts with held-out values (the training generator can never draw them) are
+  stated, then D tokens of distractor conversation, then a question. The answer is generated
+  greedily through the serving path (incremental decoding, FAISS bank) and scored by exact
+  match, with memory on and with memory off (the same model with no bank: local window only).
+* ``ppl``: bits per byte of long documents (``--files``, or held-out synthetic conversations)
+  with the memory capped at each of ``--memory-sizes`` entries (FIFO), as in the paper's
+  table 4: more memory should mean fewer bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agent_runtime.data import ConversationGenerator
+from agent_runtime.generation import GenerationState, decode_step, prefill
+from agent_runtime.model import MemorizingTransformer, Retrieval, load_checkpoint
+from agent_runtime.segments import TensorMemory, iter_segments
+from agent_runtime.tokenizer import END, decode, encode
+from memory import MemoryBank, MemoryConfig
+
+__all__ = ["eval_ppl", "eval_recall", "main"]
+
+EVAL_SEED = 7_000_003  # held-out values are also filtered by hash, whatever the seed
+
+
+@torch.no_grad()
+def answer(
+    model: MemorizingTransformer,
+    prompt: list[int],
+    memory: bool,
+    max_tokens: int = 16,
+    protect: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> str:
+    """Greedy reply to ``prompt`` through the serving path (bytes and END only); ``protect``
+    transforms keys before they are stored (privacy noise)."""
+    bank = MemoryBank(*model.memory_dims, MemoryConfig()) if memory else None
+    state = GenerationState.new(model)
+    state.protect = protect
+    logits = prefill(model, state, prompt, bank)
+    out: list[int] = []
+    while logits is not None and len(out) < max_tokens:
+        allowed = torch.full_like(logits, float("-inf"))
+        allowed[:256] = logits[:256]
+        allowed[END] = logits[END]  # a reply is bytes, then END
+        token = int(torch.argmax(allowed))
+        if token == END:
+            break
+        out.append(token)
+        step, _ = decode_step(model, [state], [token], [bank])
+        logits = step[0]
+    return decode(out)
+
+
+@torch.no_grad()
+def capture_memory_vectors(
+    model: MemorizingTransformer, tokens: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The memory-layer keys written and the queries issued while reading ``tokens``
+    (for retrieval benchmarks on the model's real vectors): (keys (n, hs), queries (m, hs))."""
+    queries: list[np.ndarray] = []
+
+    class Recording(TensorMemory):
+        def __call__(self, q: torch.Tensor, k: int) -> Retrieval:
+            queries.append(q.reshape(-1, q.shape[-1]).numpy().copy())
+            return super().__call__(q, k)
+
+    W = model.cfg.window
+    L = len(tokens) // W * W
+    mem = Recording(1, model.cfg.head_dim, "cpu")
+    for _ in iter_segments(model, torch.tensor([tokens[:L]]), mem):
+        pass
+    return mem.keys[0].numpy().astype(np.float32), np.concatenate(queries).astype(np.float32)
+
+
+def eval_recall(
+    model: MemorizingTransformer, distances: list[int], n: int, seed: int = EVAL_SEED
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for distance in distances:
+        gen = ConversationGenerator(seed + distance, held_out=True)
+        probes = [gen.probe(distance) for _ in range(n)]
+        for memory in (True, False):
+            started = time.perf_counter()
+            correct = sum(
+                answer(model, prompt, memory).strip() == value for prompt, _, value in probes
+            )
+            rows.append(
+                {
+                    "distance_tokens": distance,
+                    "memory": memory,
+                    "n": n,
+                    "accuracy": correct / n,
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+@torch.no_grad()
+def eval_ppl(
+    model: MemorizingTransformer, docs: list[list[int]], memory_sizes: list[int]
+) -> list[dict[str, Any]]:
+    """Bits per byte of each document scored segment by segment, memory capped at each size."""
+    rows = []
+    W = model.cfg.window
+    for size in memory_sizes:
+        total_bits, total_bytes = 0.0, 0
+        started = time.perf_counter()
+        for doc in docs:
+            L = (len(doc) - 1) // W * W
+            if L < W:
+                continue
+            tokens = torch.tensor([doc[: L + 1]])
+            mem = TensorMemory(1, model.cfg.head_dim, "cpu", capacity=size) if size > 0 else None
+            for seg in iter_segments(model, tokens, mem, with_targets=True):
+                assert seg.targets is not None
+                nll = F.cross_entropy(seg.output.logits[0], seg.targets[0], reduction="sum")
+                total_bits += float(nll) / math.log(2)
+                total_bytes += int(seg.targets.numel())
+        rows.append(
+            {
+                "memory_entries": size,
+                "bits_per_byte": round(total_bits / max(1, total_bytes), 4),
+                "bytes": total_bytes,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _load(checkpoint: str) -> MemorizingTransformer:
+    from agent_runtime.cli import BUNDLED_CHECKPOINT
+
+    model, _ = load_checkpoint(checkpoint or BUNDLED_CHECKPOINT)
+    return model
+
+
+def _ints(text: str) -> list[int]:
+    return [
+        int(x.strip().lower().replace("k", "000").replace("m", "000000")) for x in text.split(",")
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agent-runtime eval", description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=["recall", "ppl"])
+    parser.add_argument(
+        "--checkpoint", default="", help="model checkpoint (default: the bundled one)"
+    )
+    parser.add_argument(
+        "--distances",
+        default="1k,4k,16k,64k",
+        help="recall: filler tokens between fact and question",
+    )
+    parser.add_argument("--n", type=int, default=20, help="recall: probes per distance")
+    parser.add_argument(
+        "--files", type=Path, nargs="*", default=[], help="ppl: text files (default: synthetic)"
+    )
+    parser.add_argument(
+        "--memory-sizes", default="0,512,2k,8k", help="ppl: memory capacities to compare"
+    )
+    parser.add_argument(
+        "--docs", type=int, default=4, help="ppl: synthetic documents when no --files"
+    )
+    parser.add_argument("--doc-len", type=int, default=8192, help="ppl: synthetic document length")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args.checkpoint)
+    if args.task == "recall":
+        rows = eval_recall(model, _ints(args.distances), args.n)
+    else:
+        if args.files:
+            docs = [encode(p.read_text(encoding="utf-8", errors="replace")) for p in args.files]
+        else:
+            gen = ConversationGenerator(EVAL_SEED, held_out=True)
+            docs = [
+                gen.document(args.doc_len, n_facts=4, n_questions=2).tokens
+                for _ in range(args.docs)
+            ]
+        rows = eval_ppl(model, docs, _ints(args.memory_sizes))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
