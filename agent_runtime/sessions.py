@@ -35,12 +35,12 @@ from agent_runtime.errors import (
     OverloadedError,
     SessionNotFoundError,
 )
+from agent_runtime.files import atomic_write
 from agent_runtime.generation import GenerationState, SamplingParams
 from agent_runtime.metrics import EngineMetrics
 from agent_runtime.store import SessionMeta, SessionStore
 from agent_runtime.tokenizer import ASSISTANT, encode_turn
 from memory import MemoryBank, MemoryConfig
-from memory.persist import atomic_write
 from privacy.audit import AuditLog
 from privacy.crypto import KeyStore, SessionCipher, tenant_hash
 from privacy.erasure import erase_session

@@ -41,6 +41,7 @@ from typing import IO, Protocol
 import numpy as np
 
 from agent_runtime.errors import BankFormatError
+from agent_runtime.files import atomic_write
 
 __all__ = [
     "Cipher",
@@ -83,26 +84,6 @@ def _digest(*parts: bytes | memoryview) -> bytes:
     for p in parts:
         h.update(p)
     return h.digest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, chunks: list[bytes | memoryview]) -> None:
-    """Write ``path`` so that it is either absent or complete, even across a crash."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        for chunk in chunks:
-            fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _open_sealed(cipher: Cipher | None, flags: int, body: bytes, aad: bytes, what: str) -> bytes:

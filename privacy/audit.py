@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_runtime.errors import PrivacyError
-from privacy._files import ensure_private_dir, fsync_dir, locked
+from agent_runtime.files import ensure_private_dir, fsync_dir, locked
 
 __all__ = ["ACTIONS", "DETAIL_FIELDS", "AuditLog", "verify"]
 

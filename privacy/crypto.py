@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent_runtime.errors import ConfigError, PrivacyError
-from privacy._files import atomic_create, ensure_private_dir, fsync_dir
+from agent_runtime.files import atomic_create, ensure_private_dir, fsync_dir
 
 __all__ = [
     "MASTER_KEY_ENV",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent_runtime.errors import PrivacyError
-from privacy._files import fsync_dir
+from agent_runtime.files import fsync_dir
 from privacy.audit import AuditLog
 from privacy.crypto import KeyStore, check_session_id, tenant_hash
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from agent_runtime.config import PrivacyConfig
 from agent_runtime.errors import PrivacyError
-from privacy._files import atomic_write
+from agent_runtime.files import atomic_write
 from privacy.ledger import PrivacyLedger
 from privacy.noise import KeyNoiser
 

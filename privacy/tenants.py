@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent_runtime.errors import AuthenticationError, PrivacyError
-from privacy._files import atomic_write, ensure_private_dir, locked
+from agent_runtime.files import atomic_write, ensure_private_dir, locked
 
 __all__ = [
     "ApiKeyInfo",

@@ -32,9 +32,7 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,8 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
+
+from server.launch import serve_process
 
 __all__ = ["main"]
 
@@ -306,50 +306,12 @@ async def _tokens_generated(url: str) -> float | None:
 
 @contextmanager
 def serve(data_dir: Path, *, batching: bool, extra: Sequence[str]) -> Iterator[str]:
-    """``python -m agent_runtime serve`` on a free loopback port; yields its websocket URL."""
-    log_path = data_dir.with_suffix(".log")
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent_runtime",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                "--engine-batching",
-                "true" if batching else "false",
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            match = re.search(r"ws://[\w.]+:\d+/v1/realtime", line)
-            if not match:
-                proc.wait(timeout=START_TIMEOUT_S)
-                raise RuntimeError(
-                    f"server did not start (exit {proc.returncode}): "
-                    f"{log_path.read_text(encoding='utf-8')[-2000:]}"
-                )
-            yield match.group(0)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=START_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+    """``agent-runtime serve`` in a child process on a free loopback port; yields its websocket URL."""
+    flag = "true" if batching else "false"
+    with serve_process(
+        data_dir, "--engine-batching", flag, *extra, timeout=START_TIMEOUT_S
+    ) as server:
+        yield server.url
 
 
 def _clients(text: str) -> list[int]:

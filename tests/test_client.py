@@ -26,6 +26,7 @@ from agent_runtime.client import (
 from agent_runtime.config import RuntimeConfig
 from agent_runtime.errors import RequestError
 from server.app import Server
+from server.launch import serve_process
 from tests.conftest import TIMEOUT, make_config, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,41 +215,9 @@ async def test_a_session_resumes_after_a_server_restart_and_keeps_streaming(
 
 @contextmanager
 def serve(tmp_path: Path) -> Iterator[str]:
-    """``python -m agent_runtime serve`` on port 0; yields its websocket URL."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent_runtime",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"ws://127\.0\.0\.1:\d+/v1/realtime", line)
-        assert match, f"no ready line; got {line!r}"
-        yield match.group(0)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=TIMEOUT * 3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    """``agent-runtime serve`` in a child process on port 0; yields its websocket URL."""
+    with serve_process(tmp_path / "data", cwd=tmp_path, timeout=TIMEOUT * 3) as server:
+        yield server.url
 
 
 def chat(args: list[str], stdin: str) -> subprocess.CompletedProcess[str]:

@@ -3,54 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from agent_runtime.model import save_checkpoint
+from server.launch import ServerProcess, serve_process
 from tests.conftest import TIMEOUT, Client, tiny_model
 
 
-@contextmanager
-def serve(data: Path, checkpoint: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent_runtime",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data),
-            "--engine-checkpoint",
-            str(checkpoint),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r":(\d+)/v1/realtime", line)
-        assert match, line
-        yield proc, int(match.group(1))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=TIMEOUT)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+def serve(data: Path, checkpoint: Path) -> AbstractContextManager[ServerProcess]:
+    return serve_process(data, "--engine-checkpoint", str(checkpoint), timeout=TIMEOUT * 3)
 
 
 async def conversation(
@@ -83,15 +46,18 @@ def two_turns_with_restart(
         save_checkpoint(ckpt, tiny_model(11))
     data = tmp_path / name
     first = "My locker code is 7QK2ZP. " * 6
-    with serve(data, ckpt) as (proc, port):
-        sid, reply1, seq = asyncio.run(conversation(port, None, first))
+    with serve(data, ckpt) as server:
+        sid, reply1, seq = asyncio.run(conversation(server.port, None, first))
         if stop is not None:
-            proc.send_signal(stop)
-            proc.wait(timeout=TIMEOUT * 3)
-            with serve(data, ckpt) as (_proc2, port2):
-                _, reply2, _ = asyncio.run(conversation(port2, sid, "What is my locker code?", seq))
+            server.stop(stop, timeout=TIMEOUT * 3)
+            with serve(data, ckpt) as again:
+                _, reply2, _ = asyncio.run(
+                    conversation(again.port, sid, "What is my locker code?", seq)
+                )
         else:
-            _, reply2, _ = asyncio.run(conversation(port, sid, "What is my locker code?", seq))
+            _, reply2, _ = asyncio.run(
+                conversation(server.port, sid, "What is my locker code?", seq)
+            )
     return reply1, reply2
 
 

@@ -187,7 +187,7 @@ def test_unsafe_session_ids_are_refused(store: KeyStore, session_id: str) -> Non
 
 
 def test_atomic_create_never_replaces_an_existing_key_file(tmp_path: Path) -> None:
-    from privacy._files import atomic_create
+    from agent_runtime.files import atomic_create
 
     path = tmp_path / "k.key"
     assert atomic_create(path, b"first")

@@ -1,4 +1,5 @@
-"""Durable file primitives shared by the privacy modules (keys, tenants, ledgers, audit log).
+"""Durable file primitives shared by every package (banks, generation state, keys, tenants,
+ledgers, audit log).
 
 Every file written here is either absent or complete after a crash: it is written to a
 temporary sibling, fsynced, renamed over the target, and the directory is fsynced so the
@@ -12,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["atomic_create", "atomic_write", "ensure_private_dir", "fsync_dir", "locked"]
@@ -33,17 +34,30 @@ def ensure_private_dir(directory: Path) -> Path:
     return directory
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (tmp + fsync + rename + fsync dir)."""
+def _write_all(fd: int, chunks: bytes | Sequence[bytes | memoryview]) -> None:
+    for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _temp_for(path: Path, mode: int) -> tuple[Path, int]:
     # A unique temporary name, so two writers never interleave bytes in one temp file.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+
+
+def atomic_write(
+    path: Path, data: bytes | Sequence[bytes | memoryview], *, mode: int = 0o600
+) -> None:
+    """Replace ``path`` with ``data`` (bytes, or chunks written in order) atomically and durably:
+    temporary file, fsync, rename, fsync of the directory. After a crash the file is either
+    the old one or the complete new one."""
+    tmp, fd = _temp_for(path, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            _write_all(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -60,14 +74,10 @@ def atomic_create(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
     The complete file appears at once (``link`` of a fsynced temporary, which fails if the
     name exists), so concurrent creators agree on one content: the loser reads the winner's.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    tmp, fd = _temp_for(path, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            _write_all(fd, data)
         finally:
             os.close(fd)
         try:
