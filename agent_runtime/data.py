@@ -200,20 +200,29 @@ class ConversationGenerator:
             tokens.extend(toks)
             weights.extend([weight] * len(toks))
 
+        statements: list[int] = []
         for f in facts:
-            add(encode_turn("user", f.statement(rng)), 1.0)
-            add(encode_turn("assistant", rng.choice(ACKS)), 1.0)
+            statements += encode_turn("user", f.statement(rng)) + encode_turn("assistant", rng.choice(ACKS))
         qa: list[list[tuple[list[int], float]]] = []
         for f in rng.sample(facts, min(n_questions, n_facts)):
             q = [*encode_turn("user", f.question(rng)), ASSISTANT]
             # The answer (and its END) is what memory makes possible: weight it up.
             qa.append([(q, 1.0), ([*encode(f.value), END], 5.0)])
         qa_len = sum(len(t) for item in qa for t, _ in item)
-        # Whole distractor turns while they fit; the document is END-padded at the end.
-        while True:
+        # Whole distractor turns while they fit, with the statements at a random turn boundary:
+        # distances from a fact to its question range from a few tokens (the window can answer,
+        # which teaches the memory layer what to match) to the whole document (only memory can).
+        turns: list[list[int]] = []
+        room = length + 1 - qa_len - len(statements)
+        misses = 0
+        while misses < 8:  # a few tries with other turns before padding the rest
             turn = self.filler_turns(1)
-            if len(tokens) + len(turn) + qa_len > length + 1:
-                break
+            if sum(map(len, turns)) + len(turn) > room:
+                misses += 1
+                continue
+            turns.append(turn)
+        turns.insert(rng.randint(0, len(turns)), statements)
+        for turn in turns:
             add(turn, 1.0)
         for item in qa:
             for toks, w in item:

@@ -6,7 +6,8 @@
   positions t-W+1..t). Training feeds segments of W tokens with an XL-style cache of the previous
   segment; generation keeps a rolling KV cache. Both use the same mask, so they agree.
 * One memory layer (about 3/4 depth) also attends to the top-k entries retrieved from a kNN
-  memory by inner product of L2-normalised, position-free keys. Its keys and values are one shared
+  memory by inner product of L2-normalised, position-free keys. Its local attention uses the
+  same position-free keys, so a match learned within the window transfers to the bank. Its keys and values are one shared
   head (multi-query), so one memory entry is stored per token. Local and memory attention are
   mixed by the paper's learned per-head gate ``g = sigmoid(b_h)``.
 * Memory is block-synchronous, as in the paper: positions are grouped into blocks of W; a token
@@ -181,14 +182,16 @@ class MemoryAttention(nn.Module):
         v = v[:, None]  # (B, 1, T, hs)
         scale = self.log_scale.exp()
 
-        # Local attention: rotate the normalised q/k (RoPE keeps the norm).
-        kr = apply_rope(kn, cos, sin)
+        # Local attention uses the same position-free q/k as the memory (no RoPE here; the other
+        # layers carry position): what this layer learns to match within the window, it matches
+        # in the bank too. That is what lets retrieval be learned from nearby examples.
+        kr = kn
         kk, vv = (
             (kr, v) if past is None else (torch.cat([past[0], kr], 2), torch.cat([past[1], v], 2))
         )
         # The temperature multiplies q (not SDPA's float ``scale``) so that it keeps its gradient.
         local = F.scaled_dot_product_attention(
-            apply_rope(qn, cos, sin) * scale,
+            qn * scale,
             kk.expand(B, self.n_head, -1, -1),
             vv.expand(B, self.n_head, -1, -1),
             attn_mask=mask,
