@@ -179,6 +179,13 @@ class ConversationGenerator:
         """Distractor conversation (or user text files, when given) of about ``n_tokens`` tokens."""
         out: list[int] = []
         while len(out) < n_tokens:
+            if self.rng.random() < 0.25:
+                # Copy drills: the in-window form of what memory recall needs (induction).
+                code = _code(self.rng) if self.rng.random() < 0.5 else _lower(self.rng)
+                out += encode_turn("user", f"Repeat after me: {code}") + encode_turn(
+                    "assistant", code
+                )
+                continue
             if self.texts and self.rng.random() < 0.5:
                 text = self.rng.choice(self.texts)
                 start = self.rng.randrange(max(1, len(text) - 400))
@@ -202,7 +209,9 @@ class ConversationGenerator:
 
         statements: list[int] = []
         for f in facts:
-            statements += encode_turn("user", f.statement(rng)) + encode_turn("assistant", rng.choice(ACKS))
+            statements += encode_turn("user", f.statement(rng)) + encode_turn(
+                "assistant", rng.choice(ACKS)
+            )
         qa: list[list[tuple[list[int], float]]] = []
         for f in rng.sample(facts, min(n_questions, n_facts)):
             q = [*encode_turn("user", f.question(rng)), ASSISTANT]
@@ -236,15 +245,15 @@ class ConversationGenerator:
 
     def batch(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (B, L+1) long, weights (B, L) float) for training."""
-        docs = [
-            self.document(
-                length, n_facts=self.rng.randint(1, 4), n_questions=self.rng.randint(1, 2)
-            )
-            for _ in range(batch)
-        ]
+        docs = [self._dense_document(length) for _ in range(batch)]
         tokens = torch.tensor([d.tokens for d in docs], dtype=torch.long)
         weights = torch.tensor([d.weights[:length] for d in docs], dtype=torch.float32)
         return tokens, weights
+
+    def _dense_document(self, length: int) -> Document:
+        # Many questions per document: answers are the scarce signal that teaches retrieval.
+        n_facts = self.rng.randint(2, 6)
+        return self.document(length, n_facts=n_facts, n_questions=self.rng.randint(1, n_facts))
 
     def probe(self, distance: int, n_facts: int = 1) -> tuple[list[int], list[int], str]:
         """An evaluation probe: (context tokens ending in the question and <|assistant|>, the same

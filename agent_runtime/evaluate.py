@@ -4,6 +4,7 @@
   stated, then D tokens of distractor conversation, then a question. The answer is generated
   greedily through the serving path (incremental decoding, FAISS bank) and scored by exact
   match, with memory on and with memory off (the same model with no bank: local window only).
+* ``speed``: single-session decoding tokens/s with a bank of N real entries, and without memory.
 * ``ppl``: bits per byte of long documents (``--files``, or held-out synthetic conversations)
   with the memory capped at each of ``--memory-sizes`` entries (FIFO), as in the paper's
   table 4: more memory should mean fewer bits.
@@ -143,6 +144,41 @@ def eval_ppl(
     return rows
 
 
+@torch.no_grad()
+def eval_speed(
+    model: MemorizingTransformer, bank_entries: int, tokens: int
+) -> list[dict[str, Any]]:
+    """Single-session decoding speed with a bank of ``bank_entries`` real entries (the session's
+    own history, prefilled) against the same model with no memory."""
+    gen = ConversationGenerator(EVAL_SEED + 2, held_out=True)
+    history = gen.filler_turns(bank_entries + model.cfg.window)
+    rows = []
+    for memory in (True, False):
+        bank = MemoryBank(*model.memory_dims, MemoryConfig()) if memory else None
+        state = GenerationState.new(model)
+        started = time.perf_counter()
+        logits = prefill(model, state, history, bank)
+        prefill_s = time.perf_counter() - started
+        assert logits is not None
+        token = int(torch.argmax(logits[:256]))
+        started = time.perf_counter()
+        for _ in range(tokens):
+            step, _ = decode_step(model, [state], [token], [bank])
+            token = int(torch.argmax(step[0, :256]))
+        seconds = time.perf_counter() - started
+        rows.append(
+            {
+                "memory": memory,
+                "bank_entries": len(bank) if bank is not None else 0,
+                "tokens": tokens,
+                "tokens_per_s": round(tokens / seconds, 1),
+                "prefill_tokens_per_s": round(len(history) / prefill_s, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _load(checkpoint: str) -> MemorizingTransformer:
     from agent_runtime.cli import BUNDLED_CHECKPOINT
 
@@ -158,7 +194,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent-runtime eval", description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=["recall", "ppl"])
+    parser.add_argument("task", choices=["recall", "ppl", "speed"])
     parser.add_argument(
         "--checkpoint", default="", help="model checkpoint (default: the bundled one)"
     )
@@ -178,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         "--docs", type=int, default=4, help="ppl: synthetic documents when no --files"
     )
     parser.add_argument("--doc-len", type=int, default=8192, help="ppl: synthetic document length")
+    parser.add_argument(
+        "--bank-entries", type=int, default=65536, help="speed: memory entries in the bank"
+    )
+    parser.add_argument("--tokens", type=int, default=200, help="speed: tokens decoded")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -186,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     model = _load(args.checkpoint)
     if args.task == "recall":
         rows = eval_recall(model, _ints(args.distances), args.n)
+    elif args.task == "speed":
+        rows = eval_speed(model, args.bank_entries, args.tokens)
     else:
         if args.files:
             docs = [encode(p.read_text(encoding="utf-8", errors="replace")) for p in args.files]

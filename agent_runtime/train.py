@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write a compact serving checkpoint here at the end",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda[:N], or auto (cuda when available)"
+    )
     for f in dataclasses.fields(ModelConfig):
         parser.add_argument(
             f"--model-{f.name.replace('_', '-')}", dest=f"model_{f.name}", type=int, default=None
@@ -89,9 +92,10 @@ def answer_accuracy(
 ) -> float:
     """Teacher-forced exact match of every answer token (cheap progress signal during training)."""
     model.eval()
-    tokens, weights = gen.batch(n, length)
-    mem = TensorMemory(n, model.cfg.head_dim, "cpu")
-    correct = torch.ones(n, dtype=torch.bool)
+    device = next(model.parameters()).device
+    tokens, weights = (t.to(device) for t in gen.batch(n, length))
+    mem = TensorMemory(n, model.cfg.head_dim, device)
+    correct = torch.ones(n, dtype=torch.bool, device=device)
     for seg in iter_segments(model, tokens, mem, with_targets=True):
         W = model.cfg.window
         w = weights[:, seg.index * W : seg.index * W + seg.output.logits.shape[1]]
@@ -108,7 +112,9 @@ def train(args: argparse.Namespace) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     last = run / "last.pt"
-    state: dict[str, Any] | None = torch.load(last, weights_only=False) if last.exists() else None
+    state: dict[str, Any] | None = (
+        torch.load(last, map_location="cpu", weights_only=False) if last.exists() else None
+    )
     if state is not None:
         cfg = ModelConfig(**state["config"])
         print(f"resuming {run} at step {state['step']}", flush=True)
@@ -122,7 +128,14 @@ def train(args: argparse.Namespace) -> Path:
     if args.doc_len % cfg.window:
         raise SystemExit(f"--doc-len {args.doc_len} must be a multiple of the window {cfg.window}")
     torch.manual_seed(args.seed)
-    model = MemorizingTransformer(cfg)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    model = MemorizingTransformer(cfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -167,11 +180,11 @@ def train(args: argparse.Namespace) -> Path:
     while step < args.steps and not stop["now"]:
         # A fresh generator per step: resuming at step s draws exactly the batches s, s+1, ...
         gen = ConversationGenerator(args.seed * 1_000_003 + step, text_files=args.text)
-        tokens, weights = gen.batch(args.batch, args.doc_len)
+        tokens, weights = (t.to(device) for t in gen.batch(args.batch, args.doc_len))
         lr = _lr(step, args.steps, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        memory = TensorMemory(args.batch, cfg.head_dim, "cpu")
+        memory = TensorMemory(args.batch, cfg.head_dim, device)
         losses = []
         for seg in iter_segments(model, tokens, memory, with_targets=True):
             W = cfg.window

@@ -228,3 +228,51 @@ async def test_spent_privacy_budget_stops_memory_writes_and_tells_the_client(
         _, done2, _ = await c.turn("c" * 200, max_tokens=3)
         assert done2["response"]["memory"]["entries"] == entries  # nothing more is written
     assert '"budget_exhausted"' in (Path(config.store.data_dir) / "audit.log").read_text()
+
+
+async def test_randomized_multi_tenant_workload_sees_exactly_its_own_sessions(
+    config: RuntimeConfig, tenants: dict[str, str]
+) -> None:
+    """A seeded random mix of creates, turns and resumes by two tenants: every resume of one's own
+    session succeeds with its own memory, every resume of the other's is not found."""
+    import random
+
+    rng = random.Random(20261126)
+    owned: dict[str, list[str]] = {name: [] for name in tenants}
+    tokens_fed: dict[str, int] = {}
+    async with running_server(config) as server:
+        for _ in range(24):
+            name = rng.choice(list(tenants))
+            other = next(t for t in tenants if t != name)
+            async with connect_as(server, tenants[name]) as ws:
+                c = Client(ws)
+                action = rng.choice(["create", "own", "other"]) if owned[name] else "create"
+                if action == "create":
+                    sid = await c.create_session()
+                    owned[name].append(sid)
+                elif action == "own":
+                    sid = rng.choice(owned[name])
+                    await c.send({"type": "session.resume", "session_id": sid, "last_seq": 10**9})
+                    resumed, _ = await c.until("session.resumed")
+                    assert resumed["session"]["position"] == tokens_fed[sid]
+                else:
+                    if not owned[other]:
+                        continue
+                    sid = rng.choice(owned[other])
+                    await c.send({"type": "session.resume", "session_id": sid, "event_id": "x"})
+                    err = await c.recv()
+                    assert err["error"]["code"] == "session_not_found"
+                    continue
+                await c.turn(f"{name} says {rng.random()}" * 3, max_tokens=2)
+                await c.send({"type": "memory.stats"})
+                stats, _ = await c.until("memory.stats")
+                tokens_fed[sid] = stats["position"]
+                # The bank holds exactly this session's completed blocks, nothing from elsewhere.
+                assert stats["memory"]["entries"] == stats["position"] // 16 * 16
+        for name in tenants:
+            for sid in owned[name]:
+                session = server.sessions.sessions[f"{name}/{sid}"]
+                assert session.tenant == name
+                assert server.sessions.directory(name, sid) == session.directory
+        dirs = {s.directory for s in server.sessions.sessions.values()}
+        assert len(dirs) == sum(len(v) for v in owned.values())  # no two sessions share storage
