@@ -50,7 +50,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
-from agent_runtime.errors import AgentRuntimeError, RequestError
+from agent_runtime.errors import (
+    ClientError,
+    ClientStateError,
+    DisconnectedError,
+    EventsLostError,
+    RejectedError,
+    RemoteError,
+)
 
 __all__ = [
     "DEFAULT_URL",
@@ -81,77 +88,27 @@ RESPONSE_EVENTS = frozenset(
 )
 
 Event = dict[str, Any]
-CodecName = Literal["json", "msgpack"]
 
 
-# -- errors -------------------------------------------------------------------------------------
-
-
-class RemoteError(RequestError):
-    """The server answered a client event with an ``error`` event.
-
-    Attributes:
-        type: error class (``invalid_request_error``, ``conflict_error``, ``overloaded_error``...).
-        code: stable machine-readable code (``invalid_value``, ``session_not_found``...).
-        message: human-readable explanation from the server.
-        event_id: the ``event_id`` of the client event that caused it (None if unknown).
-        retry_after_ms: for ``overloaded``, how long to wait before retrying; else None.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str = "invalid_request",
-        event_id: str | None = None,
-        retry_after_ms: int | None = None,
-    ) -> None:
-        super().__init__(message, code=code, event_id=event_id)
-        self.type = type
-        self.retry_after_ms = retry_after_ms
-
-    @classmethod
-    def from_event(cls, event: Event) -> RemoteError:
-        body = event.get("error")
-        if not isinstance(body, dict):
-            return cls(f"malformed error event: {event!r}", type="client_error", code="malformed")
-        retry = body.get("retry_after_ms")
-        event_id = body.get("event_id")
-        return cls(
-            str(body.get("message", "")),
-            type=str(body.get("type", "invalid_request_error")),
-            code=str(body.get("code", "invalid_request")),
-            event_id=event_id if isinstance(event_id, str) else None,
-            retry_after_ms=int(retry) if isinstance(retry, int | float) else None,
+def remote_error(event: Event) -> RemoteError:
+    """The :class:`RemoteError` an ``error`` event describes."""
+    body = event.get("error")
+    if not isinstance(body, dict):
+        return RemoteError(
+            f"malformed error event: {event!r}", type="client_error", code="malformed"
         )
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-class ClientError(AgentRuntimeError):
-    """A failure on the client's side of the socket."""
-
-
-class ClientStateError(ClientError):
-    """The client is used in a state that does not allow the operation."""
+    retry = body.get("retry_after_ms")
+    event_id = body.get("event_id")
+    return RemoteError(
+        str(body.get("message", "")),
+        type=str(body.get("type", "invalid_request_error")),
+        code=str(body.get("code", "invalid_request")),
+        event_id=event_id if isinstance(event_id, str) else None,
+        retry_after_ms=int(retry) if isinstance(retry, int | float) else None,
+    )
 
 
-class DisconnectedError(ClientError):
-    """The connection could not be opened or was lost; :meth:`AgentClient.reconnect` resumes."""
-
-
-class RejectedError(ClientError):
-    """The server refused the websocket handshake; ``status_code`` says why (401, 403, 503...)."""
-
-    def __init__(self, message: str, status_code: int) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class EventsLostError(ClientError):
-    """Events after ``last_seq`` fell out of the server's buffer; the response text has a gap."""
+CodecName = Literal["json", "msgpack"]
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -280,7 +237,7 @@ class Response:
                 self.finished = True
                 self.status = "failed"
                 self._client._response_finished(self)
-                raise RemoteError.from_event(item)
+                raise remote_error(item)
 
     async def wait(self) -> Response:
         """Receive the rest of the response; returns ``self`` with every field filled in."""
@@ -757,7 +714,7 @@ class AgentClient:
                 return
 
     def _route_error(self, event: Event, replay: bool) -> None:
-        err = RemoteError.from_event(event)
+        err = remote_error(event)
         eid = err.event_id
         response = self._response
         active = response is not None and not response.finished

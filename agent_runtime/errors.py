@@ -20,7 +20,13 @@ this tree where each library is imported, with ``raise Ours(...) from exc``.
         ├── SessionNotFoundError    no such session *for this tenant* (same error either way)
         ├── ConflictError           e.g. a second active response on one session
         ├── AuthenticationError     missing or invalid credentials
-        └── OverloadedError         a limit was hit; carries ``retry_after_ms``
+        ├── OverloadedError         a limit was hit; carries ``retry_after_ms``
+        └── RemoteError             (client side) the server answered with an ``error`` event
+    ClientError                     (client side) a failure on the client's side of the socket
+    ├── ClientStateError            the client is used in a state that does not allow the call
+    ├── DisconnectedError           the connection could not be opened or was lost
+    ├── RejectedError               the server refused the handshake (``status_code``)
+    └── EventsLostError             events after ``last_seq`` fell out of the server's buffer
 
 ``RequestError`` subclasses carry a stable machine-readable ``code`` and keep the
 session open; everything else is an operator-facing failure.
@@ -35,12 +41,18 @@ __all__ = [
     "BankFormatError",
     "BudgetExhaustedError",
     "CheckpointError",
+    "ClientError",
+    "ClientStateError",
     "ConfigError",
     "ConflictError",
+    "DisconnectedError",
+    "EventsLostError",
     "MemoryBankError",
     "OverloadedError",
     "PrivacyError",
     "ProtocolError",
+    "RejectedError",
+    "RemoteError",
     "RequestError",
     "SessionNotFoundError",
     "StoreError",
@@ -146,3 +158,58 @@ class OverloadedError(RequestError):
     def __init__(self, message: str, *, retry_after_ms: int, event_id: str | None = None) -> None:
         super().__init__(message, event_id=event_id)
         self.retry_after_ms = retry_after_ms
+
+
+# -- raised by the client library (agent_runtime.client) ----------------------------------------
+
+
+class RemoteError(RequestError):
+    """The server answered a client event with an ``error`` event.
+
+    Attributes:
+        type: error class (``invalid_request_error``, ``conflict_error``, ``overloaded_error``...).
+        code: stable machine-readable code (``invalid_value``, ``session_not_found``...).
+        message: human-readable explanation from the server.
+        event_id: the ``event_id`` of the client event that caused it (None if unknown).
+        retry_after_ms: for ``overloaded``, how long to wait before retrying; else None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str = "invalid_request",
+        event_id: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code, event_id=event_id)
+        self.type = type
+        self.retry_after_ms = retry_after_ms
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ClientError(AgentRuntimeError):
+    """A failure on the client's side of the socket."""
+
+
+class ClientStateError(ClientError):
+    """The client is used in a state that does not allow the operation."""
+
+
+class DisconnectedError(ClientError):
+    """The connection could not be opened or was lost; :meth:`agent_runtime.client.AgentClient.reconnect` resumes."""
+
+
+class RejectedError(ClientError):
+    """The server refused the websocket handshake; ``status_code`` says why (401, 403, 503...)."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class EventsLostError(ClientError):
+    """Events after ``last_seq`` fell out of the server's buffer; the response text has a gap."""
