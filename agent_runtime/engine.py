@@ -276,7 +276,7 @@ class Engine:
                 self._isolated(req, functools.partial(self._accept_logits, req, row))
 
     def _accept_logits(self, req: Request, logits: torch.Tensor) -> None:
-        self._accept(req, self._sample(logits, req.payload))
+        self._accept(req, self._sample(logits, req.payload, len(req.output_tokens)))
 
     def _prefill_chunk(self, req: Request) -> None:
         """Feed the next block-aligned chunk of a prompt; sample the first token after the last."""
@@ -311,9 +311,12 @@ class Engine:
             if req.status is not RequestStatus.FINISHED:
                 self._finish(req, "error", error=str(exc))
 
-    def _sample(self, logits: torch.Tensor, g: Generation) -> int:
+    def _sample(self, logits: torch.Tensor, g: Generation, produced: int = 0) -> int:
         # A reply may contain bytes and END, never another role token.
-        return sample(logits + self._reply_mask, g.params, g.generator)
+        logits = logits + self._reply_mask
+        if produced < g.params.min_tokens:
+            logits[END] = float("-inf")
+        return sample(logits, g.params, g.generator)
 
     def _accept(self, req: Request, token: int) -> None:
         """Record a sampled token: stream its text, or close the response."""

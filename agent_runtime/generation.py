@@ -32,6 +32,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0  # END cannot be sampled before this many tokens
 
 
 @dataclass

@@ -452,6 +452,7 @@ class Connection:
             gen = self.server.config.generation
             params = SamplingParams(
                 max_tokens=event.max_tokens or gen.max_tokens,
+                min_tokens=event.min_tokens,
                 temperature=gen.temperature if event.temperature is None else event.temperature,
                 top_p=gen.top_p if event.top_p is None else event.top_p,
                 stop=event.stop,

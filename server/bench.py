@@ -141,7 +141,13 @@ class BenchClient:
         await self.send(
             {
                 "type": "response.create",
-                "response": {"max_tokens": max_tokens, "temperature": 0.0, "stop": []},
+                # min_tokens: fixed-length replies whatever the model (it may not end early).
+                "response": {
+                    "max_tokens": max_tokens,
+                    "min_tokens": max_tokens,
+                    "temperature": 0.0,
+                    "stop": [],
+                },
             }
         )
         return turn

@@ -123,6 +123,7 @@ class ResponseCreate(ClientEvent):
     stop: tuple[str, ...] = ()
     seed: int | None = None
     commit_on_cancel: bool = False
+    min_tokens: int = 0  # END is suppressed until this many tokens (benchmarks, like vLLM's)
 
 
 @dataclass
@@ -257,6 +258,7 @@ def parse_client_event(raw: object, *, max_message_chars: int) -> ClientEvent:
         return ResponseCreate(
             event_id,
             max_tokens=resp.integer("max_tokens", 1, 1_000_000),
+            min_tokens=resp.integer("min_tokens", 0, 1_000_000) or 0,
             temperature=resp.number("temperature", 0.0, 10.0),
             top_p=resp.number("top_p", 1e-6, 1.0),
             stop=tuple(stop),

@@ -239,3 +239,12 @@ async def test_msgpack_subprotocol_round_trip(config: RuntimeConfig) -> None:
             await ws.send(json.dumps({"type": "ping"}))  # a text frame on a msgpack session
             err = msgpack.unpackb(await ws.recv())
             assert err["type"] == "error" and "binary" in err["error"]["message"]
+
+
+async def test_min_tokens_suppresses_the_end_of_a_reply(config: RuntimeConfig) -> None:
+    async with running_server(config) as server, client(server) as c:
+        await c.create_session()
+        _, done, _ = await c.turn("hi", max_tokens=12, min_tokens=12)
+        assert done["response"]["usage"]["output_tokens"] == 12
+        assert done["response"]["status"] == "incomplete"
+        assert done["response"]["status_details"]["reason"] == "length"
