@@ -22,7 +22,7 @@ import torch
 
 from agent_runtime.tokenizer import ASSISTANT, END, encode, encode_turn
 
-__all__ = ["FACTS", "ConversationGenerator", "Document", "Fact"]
+__all__ = ["FACTS", "ConversationGenerator", "Document", "Fact", "stated_value"]
 
 SYLLABLES = [a + b for a in "bdfgklmnprstvz" for b in "aeiou"]
 
@@ -47,18 +47,19 @@ def _lower(rng: random.Random) -> str:
     )
 
 
-# (subject used in the statement and the question, value generator)
+# (subject as the user says it, as the assistant says it back, value generator). Final words are
+# distinct, so the words just before a value ("... code is ") identify its fact.
 FACTS = [
-    ("my locker code", _code),
-    ("my pass key", _digits),
-    ("the wifi password", _lower),
-    ("my cat's name", _word),
-    ("my home town", _word),
-    ("my booking reference", _code),
-    ("my bank PIN", _digits),
-    ("my best friend's name", _word),
-    ("the door code", _digits),
-    ("my username", _lower),
+    ("my locker code", "your locker code", _code),
+    ("my pass key", "your pass key", _digits),
+    ("the wifi password", "the wifi password", _lower),
+    ("my cat's name", "your cat's name", _word),
+    ("my home town", "your home town", _word),
+    ("my booking reference", "your booking reference", _code),
+    ("my bank PIN", "your bank PIN", _digits),
+    ("my best friend", "your best friend", _word),
+    ("the door number", "the door number", _digits),
+    ("my login", "your login", _lower),
 ]
 
 STATEMENTS = [
@@ -131,6 +132,11 @@ def _filler_sentence(rng: random.Random) -> str:
     return s.replace(" i ", " I ")
 
 
+def stated_value(reply: str) -> str:
+    """The value an answer states: "Your locker code is 7QK2ZP." -> "7QK2ZP" (exact-match scoring)."""
+    return reply.strip().rsplit(" is ", 1)[-1].removesuffix(".")
+
+
 def _is_held_out(value: str) -> bool:
     return hashlib.sha256(value.encode()).digest()[0] % 8 == 0
 
@@ -138,6 +144,7 @@ def _is_held_out(value: str) -> bool:
 @dataclass
 class Fact:
     subject: str
+    echo: str  # the subject as the assistant says it back
     value: str
 
     def statement(self, rng: random.Random) -> str:
@@ -147,6 +154,13 @@ class Fact:
 
     def question(self, rng: random.Random) -> str:
         return rng.choice(QUESTIONS).format(s=self.subject)
+
+    def answer_prefix(self) -> str:
+        """The answer up to the value: "Your locker code is " (the model says this, then the value)."""
+        return f"{self.echo[0].upper()}{self.echo[1:]} is "
+
+    def answer(self) -> str:
+        return f"{self.answer_prefix()}{self.value}."
 
 
 @dataclass
@@ -167,13 +181,13 @@ class ConversationGenerator:
 
     def fact(self, used: set[str]) -> Fact:
         while True:
-            subject, make = self.rng.choice(FACTS)
+            subject, echo, make = self.rng.choice(FACTS)
             if subject in used:
                 continue
             value = make(self.rng)
             if _is_held_out(value) == self.held_out:
                 used.add(subject)
-                return Fact(subject, value)
+                return Fact(subject, echo, value)
 
     def filler_turns(self, n_tokens: int) -> list[int]:
         """Distractor conversation (or user text files, when given) of about ``n_tokens`` tokens."""
@@ -214,9 +228,9 @@ class ConversationGenerator:
             )
         qa: list[list[tuple[list[int], float]]] = []
         for f in rng.sample(facts, min(n_questions, n_facts)):
-            q = [*encode_turn("user", f.question(rng)), ASSISTANT]
-            # The answer (and its END) is what memory makes possible: weight it up.
-            qa.append([(q, 1.0), ([*encode(f.value), END], 5.0)])
+            q = [*encode_turn("user", f.question(rng)), ASSISTANT, *encode(f.answer_prefix())]
+            # The value (and what ends the answer) is what memory makes possible: weight it up.
+            qa.append([(q, 1.0), ([*encode(f"{f.value}."), END], 5.0)])
         qa_len = sum(len(t) for item in qa for t, _ in item)
         # Whole distractor turns while they fit, with the statements at a random turn boundary:
         # distances from a fact to its question range from a few tokens (the window can answer,

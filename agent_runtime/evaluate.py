@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agent_runtime.data import ConversationGenerator
+from agent_runtime.data import ConversationGenerator, stated_value
 from agent_runtime.generation import GenerationState, decode_step, prefill
 from agent_runtime.model import MemorizingTransformer, Retrieval, load_checkpoint
 from agent_runtime.segments import TensorMemory, iter_segments
@@ -42,7 +42,7 @@ def answer(
     model: MemorizingTransformer,
     prompt: list[int],
     memory: bool,
-    max_tokens: int = 16,
+    max_tokens: int = 48,
     protect: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> str:
     """Greedy reply to ``prompt`` through the serving path (bytes and END only); ``protect``
@@ -96,7 +96,7 @@ def eval_recall(
         for memory in (True, False):
             started = time.perf_counter()
             correct = sum(
-                answer(model, prompt, memory).strip() == value for prompt, _, value in probes
+                stated_value(answer(model, prompt, memory)) == value for prompt, _, value in probes
             )
             rows.append(
                 {

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from agent_runtime.errors import BudgetExhaustedError
-from agent_runtime.model import NO_POSITION, KVCache, MemorizingTransformer, Retrieval
+from agent_runtime.model import NO_POSITION, NO_TOKEN, KVCache, MemorizingTransformer, Retrieval
 from memory import MemoryBank, search_banks
 
 __all__ = ["BankRetriever", "GenerationState", "SamplingParams", "decode_step", "prefill", "sample"]
@@ -60,6 +60,7 @@ class GenerationState:
             "k": [t.cpu() for t in self.cache.k],
             "v": [t.cpu() for t in self.cache.v],
             "pos": self.cache.pos.cpu(),
+            "ids": self.cache.ids.cpu(),
             "position": self.position,
             "pending_keys": torch.cat(self.pending_keys).cpu() if self.pending_keys else None,
             "pending_values": torch.cat(self.pending_values).cpu() if self.pending_values else None,
@@ -74,7 +75,9 @@ class GenerationState:
         k = [t.to(device) for t in sd["k"]]  # type: ignore[attr-defined]
         v = [t.to(device) for t in sd["v"]]  # type: ignore[attr-defined]
         pos = sd["pos"].to(device)  # type: ignore[attr-defined]
-        st = cls(cache=KVCache(k, v, pos), position=int(sd["position"]), written=int(sd["written"]))  # type: ignore[call-overload]
+        ids = sd["ids"].to(device)  # type: ignore[attr-defined]
+        position, written = int(sd["position"]), int(sd["written"])  # type: ignore[call-overload]
+        st = cls(cache=KVCache(k, v, pos, ids), position=position, written=written)
         stopped = sd.get("memory_stopped")
         st.memory_stopped = stopped if isinstance(stopped, str) else None
         if sd["pending_keys"] is not None:
@@ -138,7 +141,13 @@ def _stack_caches(states: Sequence[GenerationState]) -> KVCache:
             for s in states
         ]
     )
-    return KVCache(ks, vs, pos)
+    ids = torch.cat(
+        [
+            torch.nn.functional.pad(s.cache.ids, (C - s.cache.ids.shape[1], 0), value=NO_TOKEN)
+            for s in states
+        ]
+    )
+    return KVCache(ks, vs, pos, ids)
 
 
 def _advance(
@@ -163,6 +172,7 @@ def _advance(
             for old, nv in zip(state.cache.v, new.v, strict=True)
         ],
         torch.cat([state.cache.pos, new.pos[row : row + 1, -n:]], 1)[:, -keep:],
+        torch.cat([state.cache.ids, new.ids[row : row + 1, -n:]], 1)[:, -keep:],
     )
     state.pending_keys.append(mem_k[row, -n:])
     state.pending_values.append(mem_v[row, -n:])

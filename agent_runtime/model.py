@@ -45,8 +45,9 @@ __all__ = [
     "save_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: memory-layer n-gram features and token ids in the cache
 NO_POSITION = -(10**12)  # position of an empty cache slot: outside every window
+NO_TOKEN = -1  # token id of an empty cache slot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,15 +106,18 @@ class Retriever(Protocol):
 
 @dataclass
 class KVCache:
-    """Per-layer keys/values of the last W-1 tokens (post-RoPE) and their positions.
+    """Per-layer keys/values of the last W-1 tokens (post-RoPE), their positions and token ids.
 
     k, v: one (B, H_kv, C, hs) tensor per layer; pos: (B, C) absolute positions, NO_POSITION
-    for empty slots. Local attention of the memory layer has H_kv = 1.
+    for empty slots; ids: (B, C) token ids, NO_TOKEN for empty slots (the memory layer's n-gram
+    features read the tokens before a chunk from here). Local attention of the memory layer has
+    H_kv = 1.
     """
 
     k: list[Tensor]
     v: list[Tensor]
     pos: Tensor
+    ids: Tensor
 
 
 class LocalAttention(nn.Module):
@@ -142,12 +146,53 @@ class LocalAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
+class NGramFeatures(nn.Module):
+    """Content of the last ``n`` tokens, added to the memory layer's queries and keys.
+
+    The query of token t sees tokens t, t-1, ..., t-n+1; the key of token t sees the n tokens
+    *before* it, t-1, ..., t-n, through the same per-offset embeddings. So the key of an entry
+    equals the query of a later token exactly when the n tokens preceding the entry are the n
+    tokens ending at the query: retrieval finds "what came after this context last time" and the
+    entry's value carries that next token (an induction match, as a short convolution gives the
+    recall layers of H3/Based). This is what lets a 4-layer byte model find a fact's value among
+    64K entries from the words that introduced it. Purely relative: keys stay position-free.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n, self.vocab = cfg.mem_ngram, cfg.vocab_size
+        # One table per offset, plus one row per offset for "no token" (start of stream).
+        self.emb = nn.Embedding(self.n * (cfg.vocab_size + 1), cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.head_dim, bias=False)
+
+    def reset_parameters(self) -> None:
+        """Unit-variance features from the start, so exact context matches dominate the first
+        retrievals (at GPT-2's 0.02 they would be ~100x weaker than the content part)."""
+        nn.init.normal_(self.emb.weight, std=1.0 / math.sqrt(self.n))
+        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``ids`` (B, n + T): the n tokens before the chunk, then the chunk's T tokens
+        (NO_TOKEN where none). Returns query features (B, 1, T, hs) and key features (B, T, hs)."""
+        n, V = self.n, self.vocab
+        T = ids.shape[1] - n
+        ids = torch.where(ids < 0, torch.full_like(ids, V), ids)
+        offsets = torch.arange(n, device=ids.device) * (V + 1)
+        # window[:, t, o] = token at chunk position t - o, for o = 0..n (n+1 columns).
+        window = ids.unfold(1, n + 1, 1).flip(-1)  # (B, T, n+1)
+        q = self.emb(window[..., :n] + offsets).sum(2)  # tokens t .. t-n+1
+        k = self.emb(window[..., 1:] + offsets).sum(2)  # tokens t-1 .. t-n
+        assert q.shape[1] == T
+        return self.proj(q)[:, None], self.proj(k)
+
+
 class MemoryAttention(nn.Module):
     """Local window attention plus kNN memory attention, mixed by a learned per-head gate.
 
     Queries and keys are L2-normalised (cosine attention with a learned temperature), so the
     inner-product search in the bank ranks exactly as the attention logits do. Keys and values
-    are one shared head: one memory entry per token.
+    are one shared head: one memory entry per token. With ``mem_ngram`` > 0, queries and keys
+    also carry :class:`NGramFeatures` of the tokens before them.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -165,6 +210,11 @@ class MemoryAttention(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         # The paper's gate: g = sigmoid(b_h). Starts at 0.5 so both paths get gradient.
         self.gate_bias = nn.Parameter(torch.zeros(cfg.n_head))
+        # Logit of a "nothing relevant" entry with a zero value, per head: when no retrieved entry
+        # matches well, memory attention reads (mostly) nothing instead of averaging 32 weak
+        # matches, which in a bank of 64K entries are many and consistently misleading.
+        self.null_logit = nn.Parameter(torch.zeros(cfg.n_head))
+        self.ngram = NGramFeatures(cfg) if cfg.mem_ngram > 0 else None
 
     def forward(
         self,
@@ -174,10 +224,15 @@ class MemoryAttention(nn.Module):
         mask: Tensor,
         past: tuple[Tensor, Tensor] | None,
         retriever: Retriever | None,
+        ids: Tensor,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         B, T, C = x.shape
-        qn = F.normalize(self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), dim=-1)
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).split(self.head_dim, dim=2)  # (B, T, hs) each
+        if self.ngram is not None:
+            fq, fk = self.ngram(ids)
+            q, k = q + fq, k + fk
+        qn = F.normalize(q, dim=-1)
         kn = F.normalize(k, dim=-1)[:, None]  # (B, 1, T, hs) position-free memory key
         v = v[:, None]  # (B, 1, T, hs)
         scale = self.log_scale.exp()
@@ -202,7 +257,8 @@ class MemoryAttention(nn.Module):
         else:
             mem = retriever(qn, self.topk)
             logits = (scale * mem.scores).masked_fill(~mem.mask, float("-inf"))  # (B, H, T, k)
-            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # no valid entry -> zeros
+            null = self.null_logit.view(1, -1, 1, 1).expand(B, -1, T, 1)
+            weights = torch.softmax(torch.cat([logits, null], -1), dim=-1)[..., :-1]
             mem_out = (weights.unsqueeze(-2) @ mem.values).squeeze(-2)  # (B, H, T, hs)
             g = torch.sigmoid(self.gate_bias).view(1, -1, 1, 1)
             # Where nothing could be retrieved, the token relies on local attention alone.
@@ -247,6 +303,7 @@ class ModelConfig:
     window: int = 128  # W: local attention span and training segment length
     mem_layer: int = 2  # about 3/4 depth (0-based), as in the paper
     mem_topk: int = 32  # k retrieved per query head, as in the paper
+    mem_ngram: int = 12  # tokens of context in the memory layer's query/key features (0: off)
 
     @property
     def head_dim(self) -> int:
@@ -259,6 +316,8 @@ class ModelConfig:
             )
         if not 0 <= self.mem_layer < self.n_layer:
             raise CheckpointError(f"mem_layer={self.mem_layer} must be in 0..{self.n_layer - 1}")
+        if not 0 <= self.mem_ngram < self.window:
+            raise CheckpointError(f"mem_ngram={self.mem_ngram} must be in 0..{self.window - 1}")
         if self.window < 2 or self.mem_topk < 1:
             raise CheckpointError(
                 f"window={self.window} must be >= 2 and mem_topk={self.mem_topk} >= 1"
@@ -290,8 +349,12 @@ class MemorizingTransformer(nn.Module):
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):  # GPT-2 scaled init of residual projections
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                # GPT-2 scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for m in self.modules():
+            if isinstance(m, NGramFeatures):
+                m.reset_parameters()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -311,6 +374,7 @@ class MemorizingTransformer(nn.Module):
             k=k,
             v=[t.clone() for t in k],
             pos=torch.zeros(batch, 0, dtype=torch.long, device=device),
+            ids=torch.zeros(batch, 0, dtype=torch.long, device=device),
         )
 
     def forward(
@@ -327,6 +391,11 @@ class MemorizingTransformer(nn.Module):
         """
         B = idx.shape[0]
         past_pos = cache.pos if cache is not None else idx.new_zeros(B, 0)
+        # The n tokens before the chunk (the cache holds them in order; NO_TOKEN before the start).
+        n = self.cfg.mem_ngram
+        before = cache.ids[:, -n:] if cache is not None and n else idx.new_zeros(B, 0)
+        before = F.pad(before, (n - before.shape[1], 0), value=NO_TOKEN)
+        ngram_ids = torch.cat([before, idx], 1)
         mask = window_mask(pos, torch.cat([past_pos, pos], 1), self.cfg.window)
         cos, sin = rope_tables(pos, self.cfg.head_dim)
         x = self.wte(idx)
@@ -338,7 +407,7 @@ class MemorizingTransformer(nn.Module):
             past = (cache.k[i], cache.v[i]) if cache is not None else None
             h = block.ln1(x)
             if isinstance(block.attn, MemoryAttention):
-                y, kv, mem_kv = block.attn(h, cos, sin, mask, past, retriever)
+                y, kv, mem_kv = block.attn(h, cos, sin, mask, past, retriever, ngram_ids)
             else:
                 y, kv = block.attn(h, cos, sin, mask, past)
             x = x + y
@@ -347,7 +416,7 @@ class MemorizingTransformer(nn.Module):
             new_v.append(kv[1])
         assert mem_kv is not None
         logits = self.lm_head(self.ln_f(x))
-        return ModelOutput(logits, KVCache(new_k, new_v, pos), mem_kv[0], mem_kv[1])
+        return ModelOutput(logits, KVCache(new_k, new_v, pos, idx), mem_kv[0], mem_kv[1])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

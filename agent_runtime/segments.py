@@ -100,7 +100,10 @@ def iter_segments(
         targets = tokens[:, start + 1 : start + 1 + idx.shape[1]] if with_targets else None
         yield SegmentStep(j, out, targets)
         cache = KVCache(
-            [k.detach() for k in out.cache.k], [v.detach() for v in out.cache.v], out.cache.pos
+            [k.detach() for k in out.cache.k],
+            [v.detach() for v in out.cache.v],
+            out.cache.pos,
+            out.cache.ids,
         )
         if memory is not None:
             memory.add(out.mem_keys, out.mem_values)

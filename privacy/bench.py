@@ -41,7 +41,7 @@ def topk_overlap(keys: np.ndarray, noised: np.ndarray, queries: np.ndarray, k: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agent_runtime.data import ConversationGenerator
+    from agent_runtime.data import ConversationGenerator, stated_value
     from agent_runtime.evaluate import EVAL_SEED, _load, answer, capture_memory_vectors
 
     parser = argparse.ArgumentParser(
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         noiser = KeyNoiser(args.clip_norm, sigma, seed=1234)
         protect = noiser if noiser.enabled else None
-        correct = sum(answer(model, p, True, protect=protect).strip() == v for p, _, v in probes)
+        correct = sum(
+            stated_value(answer(model, p, True, protect=protect)) == v for p, _, v in probes
+        )
         noised = noiser(keys) if noiser.enabled else keys
         row = {
             "sigma": sigma,

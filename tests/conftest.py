@@ -78,6 +78,7 @@ class Client:
         self.ws = ws
         self.n = 0
         self.last_seq = 0
+        self.timeout = TIMEOUT  # per received event
 
     async def send(self, event: dict[str, Any]) -> str:
         self.n += 1
@@ -86,7 +87,7 @@ class Client:
         return str(event["event_id"])
 
     async def recv(self) -> dict[str, Any]:
-        async with asyncio.timeout(TIMEOUT):
+        async with asyncio.timeout(self.timeout):
             event: dict[str, Any] = json.loads(await self.ws.recv())
         self.last_seq = max(self.last_seq, int(event.get("seq", 0)))
         return event

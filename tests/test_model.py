@@ -129,3 +129,33 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path: Path) -> None:
 def test_config_fingerprint_distinguishes_models() -> None:
     assert TINY.fingerprint() == ModelConfig(**TINY.__dict__).fingerprint()
     assert TINY.fingerprint() != ModelConfig(**{**TINY.__dict__, "window": 32}).fingerprint()
+
+
+@torch.no_grad()
+def test_memory_keys_match_the_query_that_repeats_their_preceding_context() -> None:
+    """The n-gram features make retrieval an induction match: a query whose last ``mem_ngram``
+    tokens repeat the tokens before a stored entry finds that entry first among thousands."""
+    cfg = TINY
+    model = tiny_model(7)
+    attn = model.blocks[cfg.mem_layer].attn
+    attn.q.weight.zero_()  # type: ignore[union-attr]  # leave only the context features
+    attn.kv.weight[: cfg.head_dim].zero_()  # type: ignore[union-attr]
+    torch.manual_seed(8)
+    n = cfg.mem_ngram
+    context = torch.randint(0, 256, (n,))
+    target = 20 * cfg.window + 5  # the entry right after the context, deep in memory
+    stream = torch.randint(0, 256, (64 * cfg.window,))
+    stream[target - n : target] = context
+    stream[-n:] = context  # the stream ends by repeating the context: a query for what followed
+    _, keys, _ = reference(model, stream)
+    queries: list[torch.Tensor] = []
+
+    class Recording(TensorMemory):
+        def __call__(self, q: torch.Tensor, k: int):  # type: ignore[no-untyped-def]
+            queries.append(q[0, :, -1])
+            return super().__call__(q, k)
+
+    list(iter_segments(model, stream[None], Recording(1, cfg.head_dim, "cpu")))
+    scores = queries[-1] @ keys[: -cfg.window].T  # (heads, entries in memory)
+    assert scores.argmax(-1).tolist() == [target] * cfg.n_head
+    assert torch.allclose(scores[:, target], torch.ones(cfg.n_head), atol=1e-5)
