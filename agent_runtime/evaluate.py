@@ -5,6 +5,8 @@
   greedily through the serving path (incremental decoding, FAISS bank) and scored by exact
   match, with memory on and with memory off (the same model with no bank: local window only).
 * ``speed``: single-session decoding tokens/s with a bank of N real entries, and without memory.
+* ``capture``: the memory-layer keys and queries of the model reading held-out conversation,
+  saved for ``bench memory`` (ANN recall on the model's real vectors).
 * ``ppl``: bits per byte of long documents (``--files``, or held-out synthetic conversations)
   with the memory capped at each of ``--memory-sizes`` entries (FIFO), as in the paper's
   table 4: more memory should mean fewer bits.
@@ -113,15 +115,23 @@ def eval_recall(
 
 @torch.no_grad()
 def eval_ppl(
-    model: MemorizingTransformer, docs: list[list[int]], memory_sizes: list[int]
+    model: MemorizingTransformer,
+    docs: list[list[int]],
+    memory_sizes: list[int],
+    answer_masks: list[list[bool]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Bits per byte of each document scored segment by segment, memory capped at each size."""
-    rows = []
+    """Bits per byte of each document scored segment by segment, memory capped at each size.
+
+    ``answer_masks`` (synthetic conversations) marks the targets that are fact values; their
+    bits per byte and the rest's are then reported apart, since only they depend on distant text.
+    """
+    rows: list[dict[str, Any]] = []
     W = model.cfg.window
     for size in memory_sizes:
-        total_bits, total_bytes = 0.0, 0
+        bits = {"all": 0.0, "answer": 0.0}
+        count = {"all": 0, "answer": 0}
         started = time.perf_counter()
-        for doc in docs:
+        for d, doc in enumerate(docs):
             L = (len(doc) - 1) // W * W
             if L < W:
                 continue
@@ -129,18 +139,27 @@ def eval_ppl(
             mem = TensorMemory(1, model.cfg.head_dim, "cpu", capacity=size) if size > 0 else None
             for seg in iter_segments(model, tokens, mem, with_targets=True):
                 assert seg.targets is not None
-                nll = F.cross_entropy(seg.output.logits[0], seg.targets[0], reduction="sum")
-                total_bits += float(nll) / math.log(2)
-                total_bytes += int(seg.targets.numel())
-        rows.append(
-            {
-                "memory_entries": size,
-                "bits_per_byte": round(total_bits / max(1, total_bytes), 4),
-                "bytes": total_bytes,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+                nll = F.cross_entropy(seg.output.logits[0], seg.targets[0], reduction="none")
+                bits["all"] += float(nll.sum()) / math.log(2)
+                count["all"] += int(nll.numel())
+                if answer_masks is not None:
+                    start = seg.index * W
+                    mask = torch.tensor(answer_masks[d][start : start + nll.numel()])
+                    bits["answer"] += float(nll[mask].sum()) / math.log(2)
+                    count["answer"] += int(mask.sum())
+        row: dict[str, Any] = {
+            "memory_entries": size,
+            "bits_per_byte": round(bits["all"] / max(1, count["all"]), 4),
+            "bytes": count["all"],
+        }
+        if answer_masks is not None:
+            other = count["all"] - count["answer"]
+            row["answer_bits_per_byte"] = round(bits["answer"] / max(1, count["answer"]), 4)
+            row["answer_bytes"] = count["answer"]
+            row["other_bits_per_byte"] = round((bits["all"] - bits["answer"]) / max(1, other), 4)
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -194,7 +213,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent-runtime eval", description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=["recall", "ppl", "speed"])
+    parser.add_argument("task", choices=["recall", "ppl", "speed", "capture"])
     parser.add_argument(
         "--checkpoint", default="", help="model checkpoint (default: the bundled one)"
     )
@@ -218,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         "--bank-entries", type=int, default=65536, help="speed: memory entries in the bank"
     )
     parser.add_argument("--tokens", type=int, default=200, help="speed: tokens decoded")
+    parser.add_argument(
+        "--capture-tokens", type=int, default=65_664, help="capture: tokens of conversation read"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/memory/captured_keys.npz"),
+        help="capture: where to write the keys and 2,048 sampled queries (for bench memory)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -228,16 +256,26 @@ def main(argv: list[str] | None = None) -> int:
         rows = eval_recall(model, _ints(args.distances), args.n)
     elif args.task == "speed":
         rows = eval_speed(model, args.bank_entries, args.tokens)
+    elif args.task == "capture":
+        gen = ConversationGenerator(EVAL_SEED + 3, held_out=True)
+        keys, queries = capture_memory_vectors(model, gen.filler_turns(args.capture_tokens))
+        pick = np.random.default_rng(0).choice(len(queries), min(2048, len(queries)), replace=False)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.out, keys=keys, queries=queries[np.sort(pick)])
+        rows = [{"keys": len(keys), "queries": len(pick), "out": str(args.out)}]
+        print(json.dumps(rows[-1]), flush=True)
     else:
+        masks: list[list[bool]] | None = None
         if args.files:
             docs = [encode(p.read_text(encoding="utf-8", errors="replace")) for p in args.files]
         else:
             gen = ConversationGenerator(EVAL_SEED, held_out=True)
-            docs = [
-                gen.document(args.doc_len, n_facts=4, n_questions=2).tokens
-                for _ in range(args.docs)
+            synthetic = [
+                gen.document(args.doc_len, n_facts=4, n_questions=2) for _ in range(args.docs)
             ]
-        rows = eval_ppl(model, docs, _ints(args.memory_sizes))
+            docs = [d.tokens for d in synthetic]
+            masks = [[w > 1.0 for w in d.weights] for d in synthetic]
+        rows = eval_ppl(model, docs, _ints(args.memory_sizes), masks)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

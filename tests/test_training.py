@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from agent_runtime.data import ConversationGenerator, _is_held_out
@@ -149,6 +150,21 @@ def test_eval_commands_write_their_rows(tmp_path: Path) -> None:
     assert [r["sigma"] for r in bench] == [0.0, 0.5]
     assert bench[0]["recall_at_32"] == 1.0  # no noise: the same neighbours
     assert bench[1]["recall_at_32"] < 1.0 and bench[1]["epsilon"] > 0
+    run(
+        "eval",
+        "capture",
+        "--checkpoint",
+        str(tmp_path / "m.pt"),
+        "--capture-tokens",
+        "100",
+        "--out",
+        str(tmp_path / "captured.npz"),
+    )
+    with np.load(tmp_path / "captured.npz") as z:
+        # Keys of every completed 16-token block of >= 100 tokens, unit-norm as the bank stores them.
+        n, dim = z["keys"].shape
+        assert n >= 96 and n % 16 == 0 and dim == 16 and z["queries"].shape[1] == 16
+        assert np.allclose(np.linalg.norm(z["keys"], axis=1), 1.0, atol=1e-5)
 
 
 def test_held_out_values_are_never_drawn_by_the_training_generator() -> None:
