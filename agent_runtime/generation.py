@@ -135,18 +135,14 @@ def _stack_caches(states: Sequence[GenerationState]) -> KVCache:
             vl.append(v)
         ks.append(torch.cat(kl))
         vs.append(torch.cat(vl))
-    pos = torch.cat(
-        [
-            torch.nn.functional.pad(s.cache.pos, (C - s.cache.pos.shape[1], 0), value=NO_POSITION)
-            for s in states
-        ]
-    )
-    ids = torch.cat(
-        [
-            torch.nn.functional.pad(s.cache.ids, (C - s.cache.ids.shape[1], 0), value=NO_TOKEN)
-            for s in states
-        ]
-    )
+
+    def left_pad(rows: list[Tensor], value: int) -> Tensor:
+        return torch.cat(
+            [torch.nn.functional.pad(r, (C - r.shape[1], 0), value=value) for r in rows]
+        )
+
+    pos = left_pad([s.cache.pos for s in states], NO_POSITION)
+    ids = left_pad([s.cache.ids for s in states], NO_TOKEN)
     return KVCache(ks, vs, pos, ids)
 
 

@@ -175,14 +175,12 @@ class NGramFeatures(nn.Module):
         """``ids`` (B, n + T): the n tokens before the chunk, then the chunk's T tokens
         (NO_TOKEN where none). Returns query features (B, 1, T, hs) and key features (B, T, hs)."""
         n, V = self.n, self.vocab
-        T = ids.shape[1] - n
         ids = torch.where(ids < 0, torch.full_like(ids, V), ids)
         offsets = torch.arange(n, device=ids.device) * (V + 1)
         # window[:, t, o] = token at chunk position t - o, for o = 0..n (n+1 columns).
         window = ids.unfold(1, n + 1, 1).flip(-1)  # (B, T, n+1)
         q = self.emb(window[..., :n] + offsets).sum(2)  # tokens t .. t-n+1
         k = self.emb(window[..., 1:] + offsets).sum(2)  # tokens t-1 .. t-n
-        assert q.shape[1] == T
         return self.proj(q)[:, None], self.proj(k)
 
 

@@ -106,11 +106,9 @@ class Client:
         created, _ = await self.until("session.created")
         return str(created["session"]["id"])
 
-    async def turn(
-        self, text: str, **response: Any
-    ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-        """Send a user message and a response.create; returns (streamed text, response.done, events)."""
-        await self.send(
+    async def add_message(self, text: str) -> str:
+        """Append a user message to the conversation (no reply is requested)."""
+        return await self.send(
             {
                 "type": "conversation.item.create",
                 "item": {
@@ -120,6 +118,12 @@ class Client:
                 },
             }
         )
+
+    async def turn(
+        self, text: str, **response: Any
+    ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+        """Send a user message and a response.create; returns (streamed text, response.done, events)."""
+        await self.add_message(text)
         await self.send({"type": "response.create", "response": response})
         done, events = await self.until("response.done")
         text_out = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")

@@ -42,16 +42,7 @@ async def test_bundled_model_recalls_a_fact_told_4k_tokens_earlier(
         await c.create_session()
         await c.turn(fact.statement(rng), max_tokens=16, temperature=0)
         for text in _filler_messages(seed, GAP_TOKENS):
-            await c.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"type": "input_text", "text": text}],
-                    },
-                }
-            )
+            await c.add_message(text)
             await c.until("conversation.item.created")
         reply, done, _ = await c.turn(fact.question(rng), max_tokens=48, temperature=0)
     # The fact is now > 4K tokens back: only the bank (not the 128-token window) holds it.
