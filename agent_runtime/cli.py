@@ -10,7 +10,6 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
 from agent_runtime import __version__
 from agent_runtime.config import RuntimeConfig, add_arguments, load_config, markdown_table
@@ -18,36 +17,12 @@ from agent_runtime.errors import AgentRuntimeError
 
 log = logging.getLogger("agent_runtime")
 
-BUNDLED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "chat.pt"
-
-
-def load_model(config: RuntimeConfig):  # type: ignore[no-untyped-def]
-    """The configured checkpoint, else the bundled one, else (with a warning) an untrained model."""
-    import torch
-
-    from agent_runtime.model import MemorizingTransformer, ModelConfig, load_checkpoint
-
-    if config.engine.torch_threads:
-        torch.set_num_threads(config.engine.torch_threads)
-    path = Path(config.engine.checkpoint) if config.engine.checkpoint else BUNDLED_CHECKPOINT
-    if path.is_file():
-        model, _extra = load_checkpoint(path, config.engine.device)
-        log.info(
-            "model %s loaded from %s (%d parameters)",
-            model.cfg.fingerprint(),
-            path,
-            model.num_params(),
-        )
-        return model
-    log.warning("no checkpoint at %s: serving an UNTRAINED model (replies are noise)", path)
-    torch.manual_seed(config.engine.seed)
-    return MemorizingTransformer(ModelConfig()).to(config.engine.device).eval()
-
 
 async def _serve(config: RuntimeConfig) -> None:
+    from agent_runtime.models import load_model
     from server.app import Server
 
-    model = load_model(config)
+    model = load_model(config.engine)
     started = time.perf_counter()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,14 +41,14 @@ async def _serve(config: RuntimeConfig) -> None:
 
 # Sub-commands implemented in their own modules: "module:function" taking argv, returning an exit code.
 BENCHES = {
-    "memory": "memory.bench:main",
-    "serve": "server.bench:main",
-    "privacy": "privacy.bench:main",
+    "memory": "agent_runtime.bench.memory:main",
+    "serve": "agent_runtime.bench.serve:main",
+    "privacy": "agent_runtime.bench.privacy:main",
 }
 TOOLS = {
-    "chat": ("agent_runtime.chat:main", "terminal chat client"),
-    "train": ("agent_runtime.train:main", "train the chat model (resumable)"),
-    "eval": ("agent_runtime.evaluate:main", "evaluate recall and perplexity"),
+    "chat": ("agent_runtime.client.chat:main", "terminal chat client"),
+    "train": ("agent_runtime.training.train:main", "train the chat model (resumable)"),
+    "eval": ("agent_runtime.training.evaluate:main", "evaluate recall and perplexity"),
     "tenants": ("privacy.cli:tenants_main", "add, list or revoke tenant API keys"),
     "audit": ("privacy.cli:audit_main", "privacy ledger report and audit-log verification"),
 }

@@ -160,7 +160,7 @@ class OverloadedError(RequestError):
         self.retry_after_ms = retry_after_ms
 
 
-# -- raised by the client library (agent_runtime.client) ----------------------------------------
+# -- raised by the client library (agent_runtime.client.agent) ----------------------------------------
 
 
 class RemoteError(RequestError):
@@ -200,7 +200,7 @@ class ClientStateError(ClientError):
 
 
 class DisconnectedError(ClientError):
-    """The connection could not be opened or was lost; :meth:`agent_runtime.client.AgentClient.reconnect` resumes."""
+    """The connection could not be opened or was lost; :meth:`agent_runtime.client.agent.AgentClient.reconnect` resumes."""
 
 
 class RejectedError(ClientError):

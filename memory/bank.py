@@ -13,6 +13,7 @@ concurrently, as :func:`search_banks` does).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -66,6 +67,9 @@ class BankStats:
     """Snapshot generation on disk (0: none yet, or not persistent)."""
     log_bytes: int = 0
     """Size of the append log since the last snapshot."""
+
+    def as_dict(self) -> dict[str, int | str]:
+        return dataclasses.asdict(self)
 
 
 class MemoryBank:

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
-import re
 import stat
 import struct
 from collections.abc import Mapping
@@ -39,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent_runtime.errors import ConfigError, PrivacyError
 from agent_runtime.files import atomic_create, ensure_private_dir, fsync_dir
+from agent_runtime.layout import check_session_id, tenant_hash
 
 __all__ = [
     "MASTER_KEY_ENV",
@@ -53,7 +52,6 @@ MASTER_KEY_ENV = "AGENT_RUNTIME_MASTER_KEY"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 KEY_FILE_VERSION = 1
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class DecryptionError(PrivacyError):
@@ -61,18 +59,6 @@ class DecryptionError(PrivacyError):
 
     Proposed home: ``agent_runtime.errors`` under ``PrivacyError``.
     """
-
-
-def tenant_hash(tenant: str) -> str:
-    """The path component for a tenant (never the tenant-chosen string itself)."""
-    return hashlib.sha256(tenant.encode()).hexdigest()[:24]
-
-
-def check_session_id(session_id: str) -> str:
-    """``session_id`` if it is safe as a file name; PrivacyError otherwise."""
-    if not _SESSION_ID.fullmatch(session_id):
-        raise PrivacyError("session id must be 1-128 characters of [A-Za-z0-9_-]")
-    return session_id
 
 
 def _identity(*parts: str) -> bytes:

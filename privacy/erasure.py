@@ -20,8 +20,9 @@ from pathlib import Path
 
 from agent_runtime.errors import PrivacyError
 from agent_runtime.files import fsync_dir
+from agent_runtime.layout import check_session_id, session_directory, tenant_hash
 from privacy.audit import AuditLog
-from privacy.crypto import KeyStore, check_session_id, tenant_hash
+from privacy.crypto import KeyStore
 
 __all__ = ["ErasureReport", "erase_session", "session_directory"]
 
@@ -36,11 +37,6 @@ class ErasureReport:
     files: int
     bytes: int
     redis_keys: int
-
-
-def session_directory(data_dir: Path, tenant: str, session_id: str) -> Path:
-    """``data_dir/sessions/<sha256(tenant)[:24]>/<session_id>`` (as SessionManager.directory)."""
-    return Path(data_dir) / "sessions" / tenant_hash(tenant) / check_session_id(session_id)
 
 
 def _delete_tree(root: Path) -> tuple[int, int]:

@@ -16,7 +16,9 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 
 from agent_runtime.config import RuntimeConfig, StoreConfig
-from agent_runtime.model import MemorizingTransformer, ModelConfig
+from agent_runtime.models import ChatModel
+from agent_runtime.models.byte.family import ByteChatModel
+from agent_runtime.models.byte.model import MemorizingTransformer, ModelConfig
 from server.app import Server
 
 # Scale every timeout on slow machines, as the websockets test-suite does.
@@ -59,10 +61,13 @@ def make_config(tmp_path: Path, redis_url: str = "", **server: Any) -> RuntimeCo
 
 @asynccontextmanager
 async def running_server(
-    config: RuntimeConfig, model: MemorizingTransformer | None = None
+    config: RuntimeConfig, model: MemorizingTransformer | ChatModel[Any] | None = None
 ) -> AsyncIterator[Server]:
+    model = model or tiny_model()
+    if isinstance(model, MemorizingTransformer):
+        model = ByteChatModel(model)
     async with asyncio.timeout(TIMEOUT * 3):
-        server = Server(config, model or tiny_model())
+        server = Server(config, model)
         await server.start()
     try:
         yield server

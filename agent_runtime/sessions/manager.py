@@ -1,0 +1,390 @@
+"""The session registry: create, resolve (always from the authenticated tenant), respond,
+persist, unload and erase sessions.
+
+Metadata goes to the session store (``store.py``, Redis); banks and generation state go to the
+data directory (``state.py``, ``memory/``). Server events are built by ``agent_runtime.protocol``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent_runtime import protocol as p
+from agent_runtime.config import PrivacyConfig, ServerConfig
+from agent_runtime.engine import Engine, OutputCollector, ResponseResult, SamplingParams
+from agent_runtime.errors import (
+    BankFormatError,
+    ConflictError,
+    OverloadedError,
+    SessionNotFoundError,
+)
+from agent_runtime.layout import BANK_DIR, session_directory
+from agent_runtime.metrics import EngineMetrics
+from agent_runtime.models.base import SessionState
+from agent_runtime.sessions import state as state_file
+from agent_runtime.sessions.session import Session
+from agent_runtime.sessions.store import SessionMeta, SessionStore
+from memory import MemoryBank, MemoryConfig
+from privacy.audit import AuditLog
+from privacy.crypto import KeyStore, SessionCipher
+from privacy.erasure import erase_session
+from privacy.session import SessionPrivacy
+
+__all__ = ["SessionManager"]
+
+log = logging.getLogger(__name__)
+
+
+class SessionManager:
+    """Creates, resolves, persists and deletes sessions."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: SessionStore,
+        data_dir: Path,
+        memory: MemoryConfig,
+        limits: ServerConfig | None = None,
+        *,
+        privacy: PrivacyConfig | None = None,
+        keystore: KeyStore | None = None,
+        audit: AuditLog | None = None,
+        node_id: str = "",
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.data_dir = data_dir
+        self.memory = memory
+        self.limits = limits or ServerConfig()
+        self.node_id = node_id
+        self.metrics = metrics
+        self.privacy = privacy or PrivacyConfig()
+        self.keystore = keystore
+        self.audit = audit
+        self.sessions: dict[str, Session] = {}  # key: tenant/session_id
+        self.model = engine.model
+        self.fingerprint = engine.model.fingerprint
+
+    def _admit(self, tenant: str) -> None:
+        """Refuse a new live session past the server's or the tenant's limit."""
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise OverloadedError("too many live sessions on this server", retry_after_ms=5000)
+        if (
+            sum(s.tenant == tenant for s in self.sessions.values())
+            >= self.limits.max_sessions_per_tenant
+        ):
+            raise OverloadedError("too many live sessions for this tenant", retry_after_ms=5000)
+
+    def directory(self, tenant: str, session_id: str) -> Path:
+        return session_directory(self.data_dir, tenant, session_id)
+
+    def _audit(
+        self, tenant: str, action: str, session_id: str | None, **details: str | float | int | None
+    ) -> None:
+        if self.audit is not None:
+            self.audit.append(tenant, action, session_id, **details)
+
+    def _open(self, tenant: str, session_id: str, *, new: bool) -> _Opened:
+        """Open (or create) a session's bank, generation state and privacy state (worker thread).
+
+        Everything on disk is sealed with the session's data key when encryption at rest is on;
+        a file of another tenant or session fails authentication before it is parsed.
+        """
+        directory = self.directory(tenant, session_id)
+        cipher = None
+        if self.keystore is not None:
+            cipher = self.keystore.session_cipher(tenant, session_id, create=new)
+        key_dim, value_dim = self.model.memory_dims
+        bank = MemoryBank.open(directory / BANK_DIR, key_dim, value_dim, self.memory, cipher=cipher)
+        try:
+            bank.meta.setdefault("model_fingerprint", self.fingerprint)
+            if bank.meta["model_fingerprint"] != self.fingerprint:
+                raise BankFormatError(
+                    f"bank of session {session_id} was written by model {bank.meta['model_fingerprint']},"
+                    f" not {self.fingerprint}"
+                )
+            privacy = SessionPrivacy.open(
+                directory,
+                self.privacy,
+                unit=self.privacy.unit,
+                budget_epsilon=self.privacy.budget_epsilon or None,
+            )
+            loaded = None if new else state_file.load(self.model, directory, cipher)
+            state = self.model.new_state() if loaded is None else loaded
+        except BaseException:
+            bank.close()
+            raise
+        return _Opened(state, bank, privacy, cipher, directory)
+
+    def _register(
+        self, opened: _Opened, session_id: str, tenant: str, meta: SessionMeta
+    ) -> Session:
+        session = Session(
+            session_id,
+            tenant,
+            opened.state,
+            opened.bank,
+            opened.directory,
+            meta,
+            buffer_events=self.limits.event_buffer,
+        )
+        session.privacy = opened.privacy
+        session.cipher = opened.cipher
+        if opened.privacy.enabled:
+            opened.state.protect = session.protect_keys
+        self.sessions[session.key] = session
+        return session
+
+    async def create(self, tenant: str, session_id: str, instructions: str = "") -> Session:
+        self._admit(tenant)
+        opened = await self.engine.call(lambda: self._open(tenant, session_id, new=True))
+        now = time.time()
+        meta = SessionMeta(session_id, tenant, created_at=now, last_active=now, owner=self.node_id)
+        await self.store.create(meta)
+        session = self._register(opened, session_id, tenant, meta)
+        if instructions:
+            session.pending += self.model.encode_turn("system", instructions)
+        self._audit(tenant, "create", session_id)
+        self._audit(tenant, "privacy_params", session_id, **opened.privacy.audit_details())
+        log.info("session %s created for tenant %s", session_id, _tenant_tag(tenant))
+        return session
+
+    async def get(self, tenant: str, session_id: str) -> Session:
+        """The tenant's live session, loading it from disk if needed; otherwise not found.
+
+        A session of another tenant and a session that does not exist give the same error.
+        """
+        session = self.sessions.get(f"{tenant}/{session_id}")
+        if session is None:
+            meta = await self.store.get(session_id)
+            directory = self.directory(tenant, session_id)
+            if meta is None or meta.tenant != tenant or not (directory / BANK_DIR).exists():
+                self._audit(tenant, "denied", session_id, code="session_not_found")
+                raise SessionNotFoundError("no such session")
+            self._admit(tenant)
+            opened = await self.engine.call(lambda: self._open(tenant, session_id, new=False))
+            session = self._register(opened, session_id, tenant, meta)
+            session.seq = meta.last_seq
+            session.memory_stop_reported = opened.state.memory_stopped is not None
+            log.info(
+                "session %s loaded from disk (%d memory entries)", session_id, len(opened.bank)
+            )
+        self._audit(tenant, "resume", session_id)
+        return session
+
+    # -- conversation ---------------------------------------------------------------------------
+
+    async def add_item(self, session: Session, role: str, text: str) -> str:
+        """Append a message to the session (fed to the model with the next response)."""
+        session.pending += self.model.encode_turn(role, text)
+        item_id = p.new_id("item")
+        await session.emit(p.item_created(item_id, role))
+        return item_id
+
+    async def memory_stats(self, session: Session) -> None:
+        """Emit the session bank's statistics."""
+        stats = await self.engine.call(session.bank.stats)
+        await session.emit(p.memory_stats(stats.as_dict(), session.state.position))
+
+    # -- responses ------------------------------------------------------------------------------
+
+    async def start_response(
+        self,
+        session: Session,
+        response_id: str,
+        params: SamplingParams,
+        commit_on_cancel: bool = False,
+    ) -> None:
+        """Admit a response for the session's pending items and stream it in a session-owned task."""
+        if session.responding:
+            raise ConflictError(
+                "a response is already active on this session", code="response_in_progress"
+            )
+        prompt = [*session.pending, *self.model.reply_prefix]
+        gen = self.engine.generation(
+            session.state, session.bank, prompt, params, commit_on_cancel=commit_on_cancel
+        )
+        self.engine.generate(response_id, session.key, gen)  # may raise Overloaded/Conflict
+        session.pending = []
+        session.response_id = response_id
+        await session.emit(p.response_created(response_id))
+        session.response_task = asyncio.create_task(
+            self._stream(session, response_id, gen.collector), name=f"response-{response_id}"
+        )
+
+    async def _stream(self, session: Session, response_id: str, collector: OutputCollector) -> None:
+        try:
+            while True:
+                text, result = await collector.get()
+                if text:
+                    await session.emit(p.output_text_delta(response_id, text))
+                if result is not None:
+                    break
+            await self._commit(session, result)
+            await session.emit(_response_done(response_id, result, len(session.bank)))
+        except asyncio.CancelledError:
+            self.engine.abort(response_id)
+            raise
+        finally:
+            session.response_id = None
+
+    async def _commit(self, session: Session, result: ResponseResult) -> None:
+        """Make the turn durable (bank log fsync) and record it in the store before acknowledging."""
+
+        def sync() -> int:
+            session.bank.sync()
+            state_file.save(self.model, session)
+            return len(session.bank)
+
+        entries = await self.engine.call(sync)
+        if session.state.memory_stopped is not None and not session.memory_stop_reported:
+            # The privacy budget is spent: tell the client once, and the auditor.
+            session.memory_stop_reported = True
+            self._audit(session.tenant, "budget_exhausted", session.session_id)
+            await session.emit(p.memory_write_stopped("privacy_budget_exhausted"))
+        if result.memory_written:
+            await session.emit(p.memory_committed(result.memory_written, entries))
+        session.meta.turns += 1
+        session.meta.tokens = session.state.position
+        session.meta.bank_entries = entries
+        await self.store.update(
+            session.session_id,
+            turns=session.meta.turns,
+            tokens=session.meta.tokens,
+            bank_entries=entries,
+            last_seq=session.seq + 1,  # the response.done that follows
+        )
+
+    def cancel(self, session: Session) -> bool:
+        return session.response_id is not None and self.engine.abort(session.response_id)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    async def snapshot(self, session: Session) -> None:
+        """Write a new bank generation and the generation state (atomically) on the worker thread."""
+
+        def write() -> int:
+            session.bank.snapshot()
+            state_file.save(self.model, session)
+            return len(session.bank)
+
+        started = time.perf_counter()
+        entries = await self.engine.call(write)
+        if self.metrics is not None:
+            self.metrics.snapshot.observe(time.perf_counter() - started)
+        await self.store.update(session.session_id, bank_entries=entries)
+
+    async def _stop_response(self, session: Session) -> None:
+        if session.responding:
+            assert session.response_task is not None
+            self.cancel(session)
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.response_task
+
+    async def unload(self, session: Session) -> None:
+        """Snapshot and drop a session from memory (it can be resumed later)."""
+        await self._stop_response(session)
+        await self.snapshot(session)
+        await self.engine.call(session.bank.close)
+        self.sessions.pop(session.key, None)
+
+    async def delete(self, session: Session) -> None:
+        """Cancel, forget and erase a session everywhere: the in-memory caches, the data key
+        (crypto-erasure), every bank generation, log and state file, and its Redis keys. The
+        audit log keeps the fact of the erasure, without content."""
+        await self._stop_response(session)
+        session.closed = True
+        await self.engine.call(session.bank.close)
+        self.sessions.pop(session.key, None)
+        session.events.clear()
+        sid, tenant = session.session_id, session.tenant
+
+        async def delete_keys(keys: list[str]) -> None:
+            await self.store.delete(sid, tenant)
+
+        await erase_session(
+            self.data_dir,
+            tenant,
+            sid,
+            self.keystore,
+            delete_keys,
+            [self.store.session_key(sid)],
+            audit=self.audit,
+        )
+        log.info("session %s erased", sid)
+
+    def detached(self, session: Session) -> None:
+        """The session's client went away: cancel its response unless a client resumes within the grace period."""
+        if session.response_id is None:
+            return
+        response_id = session.response_id
+
+        def expire() -> None:
+            if session.sender is None and session.response_id == response_id:
+                log.info(
+                    "session %s: no client resumed within the grace period; cancelling",
+                    session.session_id,
+                )
+                self.engine.abort(response_id)
+
+        asyncio.get_running_loop().call_later(self.limits.disconnect_grace_s, expire)
+
+    async def unload_idle(self, now: float | None = None) -> int:
+        """Snapshot and unload sessions with no client and no response for ``idle_unload_s``."""
+        now = time.monotonic() if now is None else now
+        idle = [
+            s
+            for s in self.sessions.values()
+            if s.sender is None
+            and s.detached_at is not None
+            and now - s.detached_at >= self.limits.idle_unload_s
+            and not s.responding
+        ]
+        for session in idle:
+            await self.unload(session)
+            log.info("session %s unloaded after idling", session.session_id)
+        return len(idle)
+
+    async def aclose(self) -> None:
+        """Snapshot every live session (graceful shutdown)."""
+        for session in list(self.sessions.values()):
+            try:
+                await self.unload(session)
+            except Exception:
+                log.exception("could not snapshot session %s", session.session_id)
+
+
+@dataclass
+class _Opened:
+    state: SessionState
+    bank: MemoryBank
+    privacy: SessionPrivacy
+    cipher: SessionCipher | None
+    directory: Path
+
+
+def _response_done(response_id: str, result: ResponseResult, entries: int) -> dict[str, Any]:
+    return p.response_done(
+        response_id,
+        status=result.status,
+        reason=result.reason,
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        retrieved=result.memory_retrieved,
+        written=result.memory_written,
+        entries=entries,
+        failed=bool(result.error),
+    )
+
+
+def _tenant_tag(tenant: str) -> str:
+    """A short, stable, non-reversible tag for logs."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:8]

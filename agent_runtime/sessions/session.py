@@ -1,0 +1,128 @@
+"""One conversation: its generation state, memory bank and event stream.
+
+A :class:`Session` outlives its connection: its response keeps streaming into a bounded buffer
+of recent server events while no client is attached, and a client that resumes with
+``last_seq`` gets every event it missed.
+
+Ownership: the generation state and bank are touched only on the engine's worker thread
+(through ``engine.call``); everything else here runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent_runtime import protocol as p
+from agent_runtime.models.base import SessionState
+from agent_runtime.sessions.store import SessionMeta
+from memory import MemoryBank
+from privacy.crypto import SessionCipher
+from privacy.session import SessionPrivacy
+
+__all__ = ["Sender", "Session"]
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Session:
+    """One conversation. Server events go through :meth:`emit` (seq, buffer, live send)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        tenant: str,
+        state: SessionState,
+        bank: MemoryBank,
+        directory: Path,
+        meta: SessionMeta,
+        *,
+        buffer_events: int = 4096,
+    ) -> None:
+        self.session_id = session_id
+        self.tenant = tenant
+        self.state = state
+        self.bank = bank
+        self.directory = directory
+        self.meta = meta
+        self.pending: list[int] = []  # tokens of items not yet fed to the model
+        self.privacy: SessionPrivacy | None = None
+        self.memory_stop_reported = False
+        self.cipher: SessionCipher | None = None
+        self.seq = 0
+        self.events: deque[dict[str, Any]] = deque(maxlen=buffer_events)
+        self.sender: Sender | None = None
+        self.client: object = None  # the attached connection
+        self.response_id: str | None = None
+        self.response_task: asyncio.Task[None] | None = None
+        self.detached_at: float | None = None
+        self.no_client = asyncio.Event()  # set while no client is attached
+        self.no_client.set()
+        self.closed = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.tenant}/{self.session_id}"
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        """Stamp ``event`` with ``event_id`` and ``seq``, buffer it, and send it if a client is attached."""
+        self.seq += 1
+        event = p.stamp(event, self.seq)
+        self.events.append(event)
+        sender = self.sender
+        if sender is not None:
+            try:
+                await sender(event)
+            except Exception:  # the connection died mid-send: keep buffering for a resume
+                log.info("session %s: client went away during send", self.session_id)
+                self.detach(sender)
+
+    def describe(self) -> dict[str, Any]:
+        """The ``session`` object of ``session.created`` / ``session.resumed``."""
+        return {
+            "id": self.session_id,
+            "created_at": self.meta.created_at,
+            "turns": self.meta.turns,
+            "memory_entries": len(self.bank),
+            "position": self.state.position,
+        }
+
+    @property
+    def responding(self) -> bool:
+        return self.response_task is not None and not self.response_task.done()
+
+    def protect_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Noise a block's keys (worker thread); under the ``message`` unit a turn is the message."""
+        assert self.privacy is not None
+        return self.privacy.protect(keys, message_id=f"turn-{self.meta.turns}")
+
+    def attach(self, sender: Sender, client: object = None) -> None:
+        """Route live events to ``sender`` (``client`` identifies the connection that owns it)."""
+        self.sender = sender
+        self.client = client
+        self.detached_at = None
+        self.no_client.clear()
+
+    def detach(self, sender: Sender | None = None) -> None:
+        if sender is None or self.sender == sender:
+            self.sender = None
+            self.client = None
+            self.detached_at = time.monotonic()
+            self.no_client.set()
+
+    def missed_events(self, last_seq: int) -> list[dict[str, Any]] | None:
+        """Buffered events after ``last_seq``, or None when some of them are no longer buffered."""
+        if last_seq >= self.seq:
+            return []
+        if not self.events or self.events[0]["seq"] > last_seq + 1:
+            return None
+        return [e for e in self.events if e["seq"] > last_seq]

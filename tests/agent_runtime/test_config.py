@@ -1,0 +1,98 @@
+"""Configuration: precedence CLI > env > file > defaults, clear errors, redacted secrets."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from agent_runtime.config import add_arguments, load_config, markdown_table, redacted
+from agent_runtime.errors import ConfigError
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_bind_to_loopback() -> None:
+    cfg = load_config(parse(), env={})
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8765
+    assert cfg.store.redis_url == ""  # embedded Redis by default
+
+
+def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[server]\nport = 1111\nmax_sessions = 7\n[memory]\ncapacity = 500\neviction = "importance"\n'
+    )
+    env = {"AGENT_RUNTIME_PORT": "2222", "AGENT_RUNTIME_MEMORY_CAPACITY": "600"}
+    cfg = load_config(parse("--config", str(f), "--port", "3333"), env=env)
+    assert cfg.server.port == 3333  # CLI
+    assert cfg.memory.capacity == 600  # env beats file
+    assert cfg.server.max_sessions == 7  # file beats default
+    assert cfg.memory.eviction == "importance"
+    assert cfg.server.max_frame_bytes == 1_048_576  # default
+    cfg = load_config(parse(), env={"AGENT_RUNTIME_CONFIG": str(f)})
+    assert cfg.server.port == 1111
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "setting", "value"),
+    [
+        (["--port", "70000"], {}, "server.port", 70000),
+        (["--port", "eighty"], {}, "server.port", "eighty"),
+        ([], {"AGENT_RUNTIME_MEMORY_EVICTION": "random"}, "memory.eviction", "random"),
+        ([], {"AGENT_RUNTIME_GENERATION_TOP_P": "0"}, "generation.top_p", 0.0),
+        ([], {"AGENT_RUNTIME_REDIS_URL": "http://x"}, "store.redis_url", "http://x"),
+        (["--engine-device", "tpu"], {}, "engine.device", "tpu"),
+        (["--privacy-accountant", "gdp"], {}, "privacy.accountant", "gdp"),
+    ],
+)
+def test_invalid_values_name_the_setting_and_the_value(
+    argv: list[str], env: dict[str, str], setting: str, value: object
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(parse(*argv), env=env)
+    assert info.value.setting == setting
+    assert info.value.value == value
+    assert setting in str(info.value) and repr(value) in str(info.value)
+
+
+def test_unknown_file_keys_and_bad_toml_are_errors(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[server]\nprot = 1\n")
+    with pytest.raises(ConfigError, match=r"server\.prot.*unknown setting"):
+        load_config(parse("--config", str(f)), env={})
+    f.write_text("[servr]\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(parse("--config", str(f)), env={})
+    f.write_text("[server\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(parse("--config", str(f)), env={})
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(parse("--config", str(tmp_path / "missing.toml")), env={})
+
+
+def test_secrets_are_redacted_in_the_effective_config() -> None:
+    cfg = load_config(parse("--redis-url", "redis://user:hunter2@db.example:6380/1"), env={})
+    shown = redacted(cfg)
+    assert "hunter2" not in str(shown)
+    assert shown["store"]["redis_url"] == "redis://user:***@db.example:6380/1"
+    assert cfg.store.redis_url.endswith("hunter2@db.example:6380/1")
+
+
+def test_every_setting_is_documented_in_the_reference_table() -> None:
+    table = markdown_table()
+    for line in table.splitlines()[2:]:
+        assert line.rstrip().endswith("|") and not line.rstrip().endswith("|  |"), line
+    assert "`--memory-capacity`" in table and "`AGENT_RUNTIME_REDIS_URL`" in table
+
+
+def test_readme_configuration_table_is_current() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("<!-- config-table")
+    block = readme[readme.index("\n", start) + 1 : readme.index("<!-- /config-table -->")].strip()
+    assert block == markdown_table(), "regenerate with: agent-runtime config --markdown"

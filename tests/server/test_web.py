@@ -1,0 +1,150 @@
+"""The chat web page at ``/`` in a real headless Chromium against a real server.
+
+Chromium is Debian's ``chromium`` package (``.ci/install-browser`` installs it); the driver is the
+``playwright`` Python package pointed at that executable, so nothing is downloaded at test time.
+A missing browser fails these tests with the reason: it is never skipped silently.
+
+``AGENT_RUNTIME_WEB_SCREENSHOT=docs/web-page.png pytest tests/test_web.py -k resumes`` also saves a
+screenshot of the page after its first exchange; the reply then comes from the model
+``agent-runtime serve`` would load (the bundled checkpoint when there is one) instead of the
+tiny test model, so the picture shows a real answer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from agent_runtime.models import load_model
+from tests.conftest import TIMEOUT, make_config, running_server
+
+CHROMIUM = os.environ.get("AGENT_RUNTIME_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = TIMEOUT * 3 * 1000
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)):
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: run .ci/install-browser (apt-get install chromium) "
+            "or point AGENT_RUNTIME_CHROMIUM at a Chromium executable"
+        )
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def open_page(browser: Browser, port: int) -> Page:
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    await page.goto(f"http://127.0.0.1:{port}/")
+    return page
+
+
+async def send(page: Page, text: str) -> None:
+    await page.fill("#input", text)
+    await page.click("#send")
+
+
+async def reply_finished(page: Page, n: int) -> None:
+    """Wait until the page shows ``n`` assistant bubbles and no response is active."""
+    await page.wait_for_function(
+        """(n) => document.querySelectorAll('.msg.assistant').length === n
+                   && document.getElementById('stop').disabled
+                   && !document.getElementById('send').disabled""",
+        arg=n,
+    )
+
+
+async def test_page_streams_a_reply_shows_memory_and_resumes_after_reload(
+    browser: Browser, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path)
+    config.generation.max_tokens = 48
+    shot = os.environ.get("AGENT_RUNTIME_WEB_SCREENSHOT")
+    model = load_model(config.engine) if shot else None
+    async with running_server(config, model) as server:
+        page = await open_page(browser, server.port)
+        status = page.locator("#status")
+        await expect(status).to_have_text(re.compile(r"^session sess_\w+$"))
+        session_id = (await status.inner_text()).split()[-1]
+        await expect(page.locator("#memory")).to_have_text("memory: 0 entries")
+
+        # Count the assistant bubble's text updates: a streamed reply arrives in many.
+        await page.evaluate(
+            """() => {
+                window.textUpdates = 0;
+                new MutationObserver((records) => {
+                    for (const r of records)
+                        if (r.target.closest && r.target.closest('.assistant') ||
+                            r.target.parentElement && r.target.parentElement.closest('.assistant'))
+                            window.textUpdates += 1;
+                }).observe(document.getElementById('log'),
+                           { subtree: true, childList: true, characterData: true });
+            }"""
+        )
+        message = "Remember this: my locker code is 7QK2ZP."
+        await send(page, message)
+        await expect(page.locator(".msg.user")).to_have_text(message)
+        await reply_finished(page, 1)
+        assistant = page.locator(".msg.assistant")
+        reply = await assistant.text_content()
+        assert reply, "the assistant's reply must be shown"
+        assert await page.evaluate("window.textUpdates") > 1, "the reply must be streamed"
+
+        # The memory line shows the bank size reported by response.done.
+        bank = next(iter(server.sessions.sessions.values())).bank
+        entries = (await server.engine.call(bank.stats)).entries
+        assert entries > 0
+        await expect(page.locator("#memory")).to_have_text(f"memory: {entries} entries")
+
+        if shot:
+            Path(shot).parent.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=shot)
+
+        # A reload resumes the same session and restores the transcript.
+        await page.reload()
+        await expect(status).to_have_text(f"resumed {session_id}")
+        await expect(page.locator(".msg.user")).to_have_text(message)
+        await expect(assistant).to_have_text(reply)
+        await expect(page.locator("#memory")).to_have_text(f"memory: {entries} entries")
+        assert len(server.sessions.sessions) == 1
+
+
+async def test_stop_cancels_a_long_reply(browser: Browser, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    config.generation.max_tokens = 400  # greedy decoding of the tiny model runs to the limit
+    async with running_server(config) as server:
+        page = await open_page(browser, server.port)
+        await expect(page.locator("#status")).to_have_text(re.compile(r"^session sess_\w+$"))
+        await send(page, "Tell me a very long story.")
+        assistant = page.locator(".msg.assistant")
+        await expect(assistant).not_to_have_text("")  # it is streaming
+        await expect(page.locator("#stop")).to_be_enabled()
+        await page.click("#stop")
+        await expect(assistant).to_have_text(re.compile(r" \[stopped\]$"))
+        await reply_finished(page, 1)
+
+        # The session takes the next message after a stop.
+        await send(page, "Short one.")
+        await reply_finished(page, 2)
+        assert not (await assistant.nth(1).text_content() or "").endswith("[stopped]")
