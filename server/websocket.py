@@ -209,9 +209,8 @@ class Connection:
             self.endpoint.spawn(previous.ws.close(4000, "session resumed on another connection"))
 
     def on_close(self) -> None:
-        if self.session is not None and self.session.client is self:
-            self.session.detach(self.send)
-            self.sessions.detached(self.session)
+        if self.session is not None:
+            self.session.detach(self.send)  # a no-op unless this connection is still attached
 
 
 def select_subprotocol(

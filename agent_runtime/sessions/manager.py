@@ -138,6 +138,7 @@ class SessionManager:
         )
         session.privacy = opened.privacy
         session.cipher = opened.cipher
+        session.on_detach = self.detached
         if opened.privacy.enabled:
             opened.state.protect = session.protect_keys
         self.sessions[session.key] = session
@@ -322,7 +323,8 @@ class SessionManager:
         log.info("session %s erased", sid)
 
     def detached(self, session: Session) -> None:
-        """The session's client went away: cancel its response unless a client resumes within the grace period."""
+        """The session's client went away: cancel its response unless a client resumes within
+        the grace period (every response ends, with or without a client)."""
         if session.response_id is None:
             return
         response_id = session.response_id

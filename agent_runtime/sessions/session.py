@@ -64,9 +64,12 @@ class Session:
         self.client: object = None  # the attached connection
         self.response_id: str | None = None
         self.response_task: asyncio.Task[None] | None = None
-        self.detached_at: float | None = None
+        # A session with no client is idle from birth: one that is never attached still unloads.
+        self.detached_at: float | None = time.monotonic()
         self.no_client = asyncio.Event()  # set while no client is attached
         self.no_client.set()
+        # Called whenever the last client goes, however it went (closed, or a send failed).
+        self.on_detach: Callable[[Session], None] | None = None
         self.closed = False
 
     @property
@@ -113,11 +116,15 @@ class Session:
         self.no_client.clear()
 
     def detach(self, sender: Sender | None = None) -> None:
-        if sender is None or self.sender == sender:
-            self.sender = None
-            self.client = None
-            self.detached_at = time.monotonic()
-            self.no_client.set()
+        """Stop routing live events to ``sender`` (any client when None); idempotent."""
+        if self.sender is None or (sender is not None and self.sender != sender):
+            return
+        self.sender = None
+        self.client = None
+        self.detached_at = time.monotonic()
+        self.no_client.set()
+        if self.on_detach is not None:
+            self.on_detach(self)
 
     def missed_events(self, last_seq: int) -> list[dict[str, Any]] | None:
         """Buffered events after ``last_seq``, or None when some of them are no longer buffered."""
