@@ -31,6 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from agent_runtime.errors import ConfigError
 from memory.config import MemoryConfig
+from privacy.config import PrivacyConfig
 
 __all__ = [
     "EngineConfig",
@@ -90,14 +91,14 @@ class ServerConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError("server.port", self.port, "must be in 0..65535")
-        _positive("server.max_frame_bytes", self.max_frame_bytes)
-        _positive("server.max_message_chars", self.max_message_chars)
-        _positive("server.max_sessions", self.max_sessions)
-        _positive("server.max_sessions_per_tenant", self.max_sessions_per_tenant)
-        _non_negative("server.disconnect_grace_s", self.disconnect_grace_s)
-        _positive("server.idle_unload_s", self.idle_unload_s)
-        _positive("server.event_buffer", self.event_buffer)
-        _non_negative("server.shutdown_timeout_s", self.shutdown_timeout_s)
+        ConfigError.check_positive("server.max_frame_bytes", self.max_frame_bytes)
+        ConfigError.check_positive("server.max_message_chars", self.max_message_chars)
+        ConfigError.check_positive("server.max_sessions", self.max_sessions)
+        ConfigError.check_positive("server.max_sessions_per_tenant", self.max_sessions_per_tenant)
+        ConfigError.check_non_negative("server.disconnect_grace_s", self.disconnect_grace_s)
+        ConfigError.check_positive("server.idle_unload_s", self.idle_unload_s)
+        ConfigError.check_positive("server.event_buffer", self.event_buffer)
+        ConfigError.check_non_negative("server.shutdown_timeout_s", self.shutdown_timeout_s)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class StoreConfig:
                     redact_url(self.redis_url),
                     "scheme must be redis://, rediss:// or unix://",
                 )
-        _positive("store.session_ttl_s", self.session_ttl_s)
+        ConfigError.check_positive("store.session_ttl_s", self.session_ttl_s)
         if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
             raise ConfigError(
                 "store.key_prefix", self.key_prefix, "must be non-empty without whitespace"
@@ -153,9 +154,9 @@ class EngineConfig:
     def validate(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("engine.device", self.device, "must be cpu or cuda[:N]")
-        _positive("engine.max_batch", self.max_batch)
-        _positive("engine.max_queue", self.max_queue)
-        _non_negative("engine.torch_threads", self.torch_threads)
+        ConfigError.check_positive("engine.max_batch", self.max_batch)
+        ConfigError.check_positive("engine.max_queue", self.max_queue)
+        ConfigError.check_non_negative("engine.torch_threads", self.torch_threads)
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise ConfigError("engine.checkpoint", self.checkpoint, "no such file")
 
@@ -172,59 +173,10 @@ class GenerationConfig:
     """Nucleus sampling threshold in (0, 1]."""
 
     def validate(self) -> None:
-        _positive("generation.max_tokens", self.max_tokens)
-        _non_negative("generation.temperature", self.temperature)
+        ConfigError.check_positive("generation.max_tokens", self.max_tokens)
+        ConfigError.check_non_negative("generation.temperature", self.temperature)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("generation.top_p", self.top_p, "must be in (0, 1]")
-
-
-@dataclass
-class PrivacyConfig:
-    """Differentially private noising of stored memory keys (off by default)."""
-
-    noise_sigma: float = 0.0
-    """Noise multiplier sigma: stored keys get N(0, (sigma*C)^2) noise after clipping (0 disables)."""
-    clip_norm: float = 1.0
-    """L2 clipping bound C of each token's key before noise."""
-    delta: float = 1e-6
-    """The delta at which epsilon is reported."""
-    accountant: str = "rdp"
-    """Opacus accountant used by the ledger: ``rdp`` or ``prv``."""
-    unit: str = "key"
-    """Protected unit of the ledger: ``key`` (each stored key) or ``message`` (all keys written in one turn)."""
-    budget_epsilon: float = 0.0
-    """Per-session epsilon budget at ``delta``; past it the session stops writing memories (0: no budget)."""
-    target_epsilon: float = 0.0
-    """If > 0, derive ``noise_sigma`` from this epsilon per unit (Opacus ``get_noise_multiplier``)."""
-    target_releases: int = 1
-    """Keys per protected unit assumed by ``target_epsilon`` (1 for the key unit)."""
-    encrypt_at_rest: bool = True
-    """Seal bank snapshots, logs and generation state with per-session AES-GCM keys."""
-
-    def validate(self) -> None:
-        _non_negative("privacy.noise_sigma", self.noise_sigma)
-        _positive("privacy.clip_norm", self.clip_norm)
-        if not 0.0 < self.delta < 1.0:
-            raise ConfigError("privacy.delta", self.delta, "must be in (0, 1)")
-        if self.accountant not in ("rdp", "prv"):
-            raise ConfigError("privacy.accountant", self.accountant, "must be rdp or prv")
-        if self.unit not in ("key", "message"):
-            raise ConfigError("privacy.unit", self.unit, "must be key or message")
-        _non_negative("privacy.budget_epsilon", self.budget_epsilon)
-        _non_negative("privacy.target_epsilon", self.target_epsilon)
-        _positive("privacy.target_releases", self.target_releases)
-        if self.target_epsilon > 0:
-            from privacy.ledger import sigma_for_epsilon
-
-            self.noise_sigma = sigma_for_epsilon(
-                self.target_epsilon, self.delta, self.target_releases, self.accountant
-            )
-        if self.budget_epsilon > 0 and self.noise_sigma == 0:
-            raise ConfigError(
-                "privacy.budget_epsilon",
-                self.budget_epsilon,
-                "needs noise_sigma > 0 (or target_epsilon)",
-            )
 
 
 @dataclass
@@ -259,16 +211,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(name, value, "must be > 0")
-
-
-def _non_negative(name: str, value: float) -> None:
-    if value < 0:
-        raise ConfigError(name, value, "must be >= 0")
 
 
 @functools.cache

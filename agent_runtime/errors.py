@@ -72,6 +72,16 @@ class ConfigError(AgentRuntimeError):
         self.reason = reason
         super().__init__(f"invalid setting {setting}={value!r}: {reason}")
 
+    @classmethod
+    def check_positive(cls, setting: str, value: float) -> None:
+        if value <= 0:
+            raise cls(setting, value, "must be > 0")
+
+    @classmethod
+    def check_non_negative(cls, setting: str, value: float) -> None:
+        if value < 0:
+            raise cls(setting, value, "must be >= 0")
+
 
 class CheckpointError(AgentRuntimeError):
     """A model checkpoint is missing, corrupt or incompatible with this code."""

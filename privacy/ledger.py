@@ -35,8 +35,8 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from agent_runtime.config import PrivacyConfig
 from agent_runtime.errors import BudgetExhaustedError, ConfigError, PrivacyError
+from privacy.config import PrivacyConfig
 
 __all__ = [
     "ACCOUNTANTS",
@@ -118,6 +118,21 @@ def sigma_for_epsilon(
     return float(sigma1) * math.sqrt(releases)
 
 
+def resolve_sigma(config: PrivacyConfig) -> float:
+    """The noise multiplier a config asks for: ``noise_sigma``, or the one that reaches
+    ``target_epsilon`` per unit (:func:`sigma_for_epsilon`) when that is set."""
+    if config.target_epsilon > 0:
+        return _cached_sigma(
+            config.target_epsilon, config.delta, config.target_releases, config.accountant
+        )
+    return config.noise_sigma
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sigma(target_epsilon: float, delta: float, releases: int, accountant: str) -> float:
+    return sigma_for_epsilon(target_epsilon, delta, releases, accountant)
+
+
 class PrivacyLedger:
     """Accounts the Gaussian releases of one session's stored keys.
 
@@ -174,9 +189,9 @@ class PrivacyLedger:
     def from_config(
         cls, config: PrivacyConfig, *, unit: str = "key", budget_epsilon: float | None = None
     ) -> PrivacyLedger:
-        """A ledger with the config's sigma, C, delta and accountant."""
+        """A ledger with the config's sigma (:func:`resolve_sigma`), C, delta and accountant."""
         return cls(
-            noise_sigma=config.noise_sigma,
+            noise_sigma=resolve_sigma(config),
             clip_norm=config.clip_norm,
             unit=unit,
             accountant=config.accountant,

@@ -20,8 +20,9 @@ import secrets
 
 import numpy as np
 
-from agent_runtime.config import PrivacyConfig
 from agent_runtime.errors import ConfigError, PrivacyError
+from privacy.config import PrivacyConfig
+from privacy.ledger import resolve_sigma
 
 __all__ = ["CLIP_EPS", "KeyNoiser", "clip_and_noise", "clip_keys"]
 
@@ -100,8 +101,8 @@ class KeyNoiser:
 
     @classmethod
     def from_config(cls, config: PrivacyConfig, *, seed: int | None = None) -> KeyNoiser:
-        """A noiser with ``config.clip_norm`` and ``config.noise_sigma``."""
-        return cls(config.clip_norm, config.noise_sigma, seed=seed)
+        """A noiser with ``config.clip_norm`` and the config's sigma (``resolve_sigma``)."""
+        return cls(config.clip_norm, resolve_sigma(config), seed=seed)
 
     @property
     def enabled(self) -> bool:

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from agent_runtime.config import PrivacyConfig
 from agent_runtime.errors import PrivacyError
 from agent_runtime.files import atomic_write
-from privacy.ledger import PrivacyLedger
+from privacy.config import PrivacyConfig
+from privacy.ledger import PrivacyLedger, resolve_sigma
 from privacy.noise import KeyNoiser
 
 __all__ = ["LEDGER_FILE", "SessionPrivacy", "load_ledger", "save_ledger"]
@@ -62,12 +62,13 @@ class SessionPrivacy:
         path = directory / LEDGER_FILE
         if path.exists():
             ledger = load_ledger(path)
-            if (ledger.noise_sigma, ledger.clip_norm) != (config.noise_sigma, config.clip_norm):
+            sigma = resolve_sigma(config)
+            if (ledger.noise_sigma, ledger.clip_norm) != (sigma, config.clip_norm):
                 log.info(
                     "session keeps its privacy parameters sigma=%s C=%s (config now sigma=%s C=%s)",
                     ledger.noise_sigma,
                     ledger.clip_norm,
-                    config.noise_sigma,
+                    sigma,
                     config.clip_norm,
                 )
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_runtime import protocol as p
-from agent_runtime.config import PrivacyConfig, ServerConfig
+from agent_runtime.config import ServerConfig
 from agent_runtime.engine import Engine, OutputCollector, ResponseResult, SamplingParams
 from agent_runtime.errors import (
     BankFormatError,
@@ -33,8 +33,10 @@ from agent_runtime.sessions.session import Session
 from agent_runtime.sessions.store import SessionMeta, SessionStore
 from memory import MemoryBank, MemoryConfig
 from privacy.audit import AuditLog
+from privacy.config import PrivacyConfig
 from privacy.crypto import KeyStore, SessionCipher
 from privacy.erasure import erase_session
+from privacy.ledger import resolve_sigma
 from privacy.session import SessionPrivacy
 
 __all__ = ["SessionManager"]
@@ -67,6 +69,7 @@ class SessionManager:
         self.node_id = node_id
         self.metrics = metrics
         self.privacy = privacy or PrivacyConfig()
+        resolve_sigma(self.privacy)  # an unreachable target epsilon fails at start, not per session
         self.keystore = keystore
         self.audit = audit
         self.sessions: dict[str, Session] = {}  # key: tenant/session_id

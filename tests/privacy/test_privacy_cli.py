@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent_runtime.config import PrivacyConfig
 from privacy.audit import verify
 from privacy.cli import audit_main, tenants_main
+from privacy.config import PrivacyConfig
 from privacy.erasure import session_directory
 from privacy.session import SessionPrivacy
 from privacy.tenants import TenantRegistry

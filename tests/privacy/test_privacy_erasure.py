@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent_runtime.config import PrivacyConfig
 from memory import MemoryBank, MemoryConfig
 from privacy.audit import AuditLog, verify
+from privacy.config import PrivacyConfig
 from privacy.crypto import MASTER_KEY_ENV, KeyStore, SessionCipher
 from privacy.erasure import erase_session, session_directory
 from privacy.session import SessionPrivacy

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
 from scipy import optimize, stats
 
-from agent_runtime.config import PrivacyConfig
 from agent_runtime.errors import BudgetExhaustedError, ConfigError, PrivacyError
+from privacy.config import PrivacyConfig
 from privacy.ledger import PrivacyLedger, gaussian_epsilon, sigma_for_epsilon
 
 DELTA = 1e-6

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from agent_runtime.config import PrivacyConfig
 from agent_runtime.errors import ConfigError, PrivacyError
+from privacy.config import PrivacyConfig
 from privacy.noise import KeyNoiser, clip_and_noise, clip_keys
 
 

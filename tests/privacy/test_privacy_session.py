@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent_runtime.config import PrivacyConfig
 from agent_runtime.errors import BudgetExhaustedError, PrivacyError
+from privacy.config import PrivacyConfig
 from privacy.ledger import gaussian_epsilon
 from privacy.session import LEDGER_FILE, SessionPrivacy, load_ledger
 
