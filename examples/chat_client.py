@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import sys
 
-from agent_runtime.client.agent import AgentClient, RemoteError
+from agent_runtime.client import AgentClient, RemoteError
 
 
 async def main(url: str, max_tokens: int) -> int:

@@ -42,7 +42,12 @@ def topk_overlap(keys: np.ndarray, noised: np.ndarray, queries: np.ndarray, k: i
 
 def main(argv: list[str] | None = None) -> int:
     from agent_runtime.training.data import ConversationGenerator, stated_value
-    from agent_runtime.training.evaluate import EVAL_SEED, _load, answer, capture_memory_vectors
+    from agent_runtime.training.evaluate import (
+        EVAL_SEED,
+        answer,
+        capture_memory_vectors,
+        load_eval_model,
+    )
 
     parser = argparse.ArgumentParser(
         prog="agent-runtime bench privacy", description=__doc__.splitlines()[0]
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n, args.distance, args.capture_tokens = 2, 256, 1024
     sigmas = [float(s) for s in args.sigmas.split(",")]
-    model = _load(args.checkpoint)
+    model = load_eval_model(args.checkpoint)
     gen = ConversationGenerator(EVAL_SEED + 1, held_out=True)
     keys, queries = capture_memory_vectors(model, gen.filler_turns(args.capture_tokens))
     queries = queries[:: max(1, len(queries) // 2000)]  # a sample keeps the exact search cheap

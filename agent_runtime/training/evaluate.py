@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agent_runtime.models.byte import BUNDLED_CHECKPOINT
 from agent_runtime.models.byte.generation import GenerationState, decode_step, prefill
 from agent_runtime.models.byte.model import MemorizingTransformer, Retrieval, load_checkpoint
 from agent_runtime.models.byte.segments import TensorMemory, iter_segments
@@ -198,9 +199,8 @@ def eval_speed(
     return rows
 
 
-def _load(checkpoint: str) -> MemorizingTransformer:
-    from agent_runtime.models.byte import BUNDLED_CHECKPOINT
-
+def load_eval_model(checkpoint: str) -> MemorizingTransformer:
+    """The checkpoint at ``checkpoint``, or the bundled one when it is empty."""
     model, _ = load_checkpoint(checkpoint or BUNDLED_CHECKPOINT)
     return model
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _load(args.checkpoint)
+    model = load_eval_model(args.checkpoint)
     if args.task == "recall":
         rows = eval_recall(model, _ints(args.distances), args.n)
     elif args.task == "speed":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from agent_runtime.files import atomic_write
 from agent_runtime.models.byte.model import MemorizingTransformer, ModelConfig, save_checkpoint
 from agent_runtime.models.byte.segments import TensorMemory, iter_segments
 from agent_runtime.training.data import ConversationGenerator
@@ -167,9 +169,9 @@ def train(args: argparse.Namespace) -> Path:
             "elapsed_s": elapsed,
             "args": {k: str(v) for k, v in vars(args).items()},
         }
-        tmp = run / "last.pt.tmp"
-        torch.save(blob, tmp)
-        tmp.replace(last)
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        atomic_write(last, [buf.getbuffer()], mode=0o644)
 
     eval_gen = ConversationGenerator(args.seed + 999_999, held_out=True)
     log = (run / "log.jsonl").open("a")

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agent_runtime.errors import CheckpointError
+from agent_runtime.files import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -427,7 +429,7 @@ class MemorizingTransformer(nn.Module):
 def save_checkpoint(
     path: str | Path, model: MemorizingTransformer, extra: dict[str, Any] | None = None
 ) -> None:
-    """Write model weights (fp32 unless ``extra['half']``) and config atomically."""
+    """Write model weights (fp32 unless ``extra['half']``) and config atomically and durably."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if extra and extra.get("half"):
@@ -438,9 +440,9 @@ def save_checkpoint(
         "model": state,
         "extra": extra or {},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write(path, [buf.getbuffer()], mode=0o644)
 
 
 def load_checkpoint(
