@@ -13,6 +13,8 @@ this tree where each library is imported, with ``raise Ours(...) from exc``.
     │   ├── BankFormatError         torn, truncated, tampered or incompatible bank file
     │   └── BankCapacityError       a write that can never fit (e.g. batch larger than capacity)
     ├── StoreError                  session metadata store (Redis) unavailable or inconsistent
+    ├── StorageError                the data directory cannot take a write (disk full, I/O error)
+    ├── DataDirLockedError          another process serves this data directory
     ├── PrivacyError                privacy configuration or accounting failure
     │   └── BudgetExhaustedError    the session's privacy budget is spent
     └── RequestError                recoverable, per-request; sent to the client as an ``error`` event
@@ -21,6 +23,7 @@ this tree where each library is imported, with ``raise Ours(...) from exc``.
         ├── ConflictError           e.g. a second active response on one session
         ├── AuthenticationError     missing or invalid credentials
         ├── OverloadedError         a limit was hit; carries ``retry_after_ms``
+        ├── UnavailableError        the server cannot do it now (storage full, Redis down, unreadable session)
         └── RemoteError             (client side) the server answered with an ``error`` event
     ClientError                     (client side) a failure on the client's side of the socket
     ├── ClientStateError            the client is used in a state that does not allow the call
@@ -45,6 +48,7 @@ __all__ = [
     "ClientStateError",
     "ConfigError",
     "ConflictError",
+    "DataDirLockedError",
     "DisconnectedError",
     "EventsLostError",
     "MemoryBankError",
@@ -55,7 +59,9 @@ __all__ = [
     "RemoteError",
     "RequestError",
     "SessionNotFoundError",
+    "StorageError",
     "StoreError",
+    "UnavailableError",
 ]
 
 
@@ -101,6 +107,21 @@ class BankCapacityError(MemoryBankError):
 
 class StoreError(AgentRuntimeError):
     """The session metadata store failed."""
+
+
+class StorageError(AgentRuntimeError):
+    """A write to the data directory failed (``ENOSPC``, ``EDQUOT``, ``EFBIG``, ``EIO``...).
+
+    Whatever was being written is rolled back to its last complete record; ``errno`` is kept.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class DataDirLockedError(AgentRuntimeError):
+    """Another agent-runtime process holds the data directory's lock."""
 
 
 class PrivacyError(AgentRuntimeError):
@@ -168,6 +189,14 @@ class OverloadedError(RequestError):
     def __init__(self, message: str, *, retry_after_ms: int, event_id: str | None = None) -> None:
         super().__init__(message, event_id=event_id)
         self.retry_after_ms = retry_after_ms
+
+
+class UnavailableError(RequestError):
+    """The server cannot serve the request now (its storage is full or failing, Redis is down,
+    the session's files cannot be read); the session and connection stay usable."""
+
+    type = "server_error"
+    code = "unavailable"
 
 
 # -- raised by the client library (agent_runtime.client.agent) ----------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,8 +54,23 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
+# Bounds on what a decoded frame may contain (besides its byte size, limited by the server).
+MAX_DEPTH = 16
+"""Deepest nesting of objects/arrays in an event."""
+MAX_ITEMS = 4096
+"""Most values (scalars and containers) in one event."""
+MAX_INT_DIGITS = 20
+"""Longest decimal integer accepted in JSON (a signed 64-bit integer has at most 19 digits)."""
+INT_RANGE = (-(2**63), 2**64 - 1)
+
+
 class Codec:
-    """Encodes and decodes event objects for one subprotocol."""
+    """Encodes and decodes event objects for one subprotocol.
+
+    Decoding is bounded: nesting deeper than :data:`MAX_DEPTH`, more than :data:`MAX_ITEMS`
+    values, integers beyond 64 bits, NaN/Infinity and text that is not valid Unicode (lone
+    surrogates) raise :class:`ProtocolError` with code ``invalid_value``, never anything else.
+    """
 
     def __init__(self, name: str) -> None:
         if name not in SUBPROTOCOLS:
@@ -68,13 +84,27 @@ class Codec:
         return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
     def decode(self, frame: str | bytes) -> object:
+        obj = self._decode_syntax(frame)
+        check_value(obj)
+        return obj
+
+    def _decode_syntax(self, frame: str | bytes) -> object:
         if self.binary:
             if isinstance(frame, str):
                 raise ProtocolError(
                     "this session speaks msgpack: send binary frames", code="invalid_frame"
                 )
             try:
-                return msgpack.unpackb(frame, raw=False, strict_map_key=True)
+                return msgpack.unpackb(
+                    frame,
+                    raw=False,
+                    strict_map_key=True,
+                    max_array_len=MAX_ITEMS,
+                    max_map_len=MAX_ITEMS,
+                    max_ext_len=0,
+                )
+            except msgpack.StackError:
+                raise _invalid(f"frame nests deeper than {MAX_DEPTH} levels") from None
             except Exception as exc:  # msgpack raises several unrelated types
                 raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
         if isinstance(frame, bytes):
@@ -83,11 +113,68 @@ class Codec:
             except UnicodeDecodeError:
                 raise ProtocolError("this session speaks JSON: frames must be UTF-8 text") from None
         try:
-            return json.loads(frame)
+            return json.loads(frame, parse_int=_json_int, parse_constant=_json_constant)
         except json.JSONDecodeError as exc:
             raise ProtocolError(
                 f"frame is not valid JSON: {exc.msg} at position {exc.pos}"
             ) from None
+        except RecursionError:
+            raise _invalid(f"frame nests deeper than {MAX_DEPTH} levels") from None
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError(message, code="invalid_value")
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _invalid(f"integer of {len(text)} digits: at most {MAX_INT_DIGITS} are accepted")
+    return int(text)
+
+
+def _json_constant(name: str) -> float:
+    raise _invalid(f"{name} is not a JSON number")
+
+
+def _valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates ("\ud800") decode from JSON but are not text
+        return False
+    return True
+
+
+def check_value(obj: object) -> None:
+    """Raise ProtocolError unless ``obj`` is a bounded tree of valid JSON-like values."""
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    seen = 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_ITEMS:
+            raise _invalid(f"frame holds more than {MAX_ITEMS} values")
+        if depth > MAX_DEPTH:
+            raise _invalid(f"frame nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, str):
+            if not _valid_text(value):
+                raise _invalid("text must be valid Unicode (no lone surrogates)")
+        elif isinstance(value, bool) or value is None:
+            pass
+        elif isinstance(value, int):
+            if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+                raise _invalid("integers must fit in 64 bits")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise _invalid("numbers must be finite")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str) or not _valid_text(k):
+                    raise _invalid("object keys must be valid text")
+                stack.append((v, depth + 1))
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
+        elif not isinstance(value, bytes):
+            raise _invalid(f"unsupported value of type {type(value).__name__}")
 
 
 CODECS = {name: Codec(name) for name in SUBPROTOCOLS}
@@ -212,6 +299,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 MAX_STOP_SEQUENCES = 4
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # as agent_runtime.layout checks it
 
 
 def parse_client_event(raw: object, *, max_message_chars: int) -> ClientEvent:
@@ -235,6 +323,8 @@ def parse_client_event(raw: object, *, max_message_chars: int) -> ClientEvent:
         return SessionCreate(event_id, instructions=instructions)
     if kind == "session.resume":
         session_id = f.get("session_id", str, required=True)
+        if not _SESSION_ID.fullmatch(session_id):
+            raise f.fail("session_id", "must be 1..128 characters of [A-Za-z0-9_-]")
         last_seq = f.integer("last_seq", 0, 2**62) or 0
         return SessionResume(event_id, session_id=session_id, last_seq=last_seq)
     if kind == "conversation.item.create":
@@ -270,7 +360,10 @@ def parse_client_event(raw: object, *, max_message_chars: int) -> ClientEvent:
             commit_on_cancel=bool(resp.get("commit_on_cancel", bool, False)),
         )
     if kind == "response.cancel":
-        return ResponseCancel(event_id, response_id=f.get("response_id", str))
+        response_id = f.get("response_id", str)
+        if response_id is not None and not 0 < len(response_id) <= 128:
+            raise f.fail("response_id", "must be a string of 1..128 characters")
+        return ResponseCancel(event_id, response_id=response_id)
     if kind == "session.delete":
         return SessionDelete(event_id)
     if kind == "memory.stats":

@@ -14,8 +14,10 @@ detect that too.
 
 Content stays out by construction: ``action`` comes from a fixed set and ``details`` accept
 only whitelisted names with scalar values, strings limited to 128 identifier characters (no spaces).
-Each append is fsynced before it returns (acknowledged = durable) and runs under a
-cross-process lock, so the server and the CLI can both append.
+Each ``append`` is fsynced before it returns (acknowledged = durable); the server ``post``s
+its records to a writer thread that appends them in batches, one fsync each, so the event loop
+never waits on the disk. Writes run under a cross-process lock, so the server and the CLI can
+both append.
 """
 
 from __future__ import annotations
@@ -108,13 +110,21 @@ def _check_details(details: dict[str, Scalar]) -> None:
             raise PrivacyError(f"audit detail {name!r} must be a scalar")
 
 
+Pending = tuple[str | None, str, str | None, dict[str, Scalar]]
+
+
 class AuditLog:
     """Appends records to ``path`` (JSON lines, hash-chained).
 
-    Callers may rely on: :meth:`append` returns only after the record is on disk; a record
-    with a disallowed action or detail is refused with PrivacyError and nothing is written.
-    Thread-safe, and safe across processes appending to the same file.
+    Callers may rely on: :meth:`append` returns only after the record is on disk; :meth:`post`
+    validates at once and returns at once, and a writer thread appends posted records in
+    batches (one fsync per batch), so the event loop never waits for the disk; :meth:`flush`
+    returns once every posted record is durable. A record with a disallowed action or detail
+    is refused with PrivacyError and nothing is written. Thread-safe, and safe across processes
+    appending to the same file.
     """
+
+    MAX_BATCH = 512
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
@@ -122,6 +132,11 @@ class AuditLog:
         self._lockfile = self.path.with_name(f".{self.path.name}.lock")
         self._clock = clock
         self._mutex = threading.Lock()
+        self._queue: list[Pending] = []
+        self._cv = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._in_flight = 0
+        self._closed = False
 
     def _tail(self, fd: int) -> tuple[int, str, int]:
         """(next seq, hash of the last record, size of the complete lines) of the open file."""
@@ -148,16 +163,77 @@ class AuditLog:
         except (ValueError, KeyError, TypeError) as exc:
             raise PrivacyError(f"{self.path.name}: last record is unreadable; run verify") from exc
 
-    def append(
-        self, actor: str | None, action: str, session_id: str | None = None, **details: Scalar
-    ) -> dict[str, Any]:
-        """Durably append one record; returns it (with ``seq`` and ``hash``)."""
+    @staticmethod
+    def _check(
+        actor: str | None, action: str, session_id: str | None, details: dict[str, Scalar]
+    ) -> None:
         if action not in ACTIONS:
             raise PrivacyError(f"unknown audit action {action!r}")
         _check_details(details)
         for name, value in (("actor", actor), ("session", session_id)):
             if value is not None and not _SAFE_STR.fullmatch(value):
                 raise PrivacyError(f"audit {name} must be <= 128 chars of identifiers")
+
+    def append(
+        self, actor: str | None, action: str, session_id: str | None = None, **details: Scalar
+    ) -> dict[str, Any]:
+        """Durably append one record; returns it (with ``seq`` and ``hash``)."""
+        self._check(actor, action, session_id, details)
+        return self._write([(actor, action, session_id, details)])[0]
+
+    def post(
+        self, actor: str | None, action: str, session_id: str | None = None, **details: Scalar
+    ) -> None:
+        """Validate a record now and append it soon (off the caller's thread, batched)."""
+        self._check(actor, action, session_id, details)
+        with self._cv:
+            if self._closed:
+                raise PrivacyError("the audit log is closed")
+            self._queue.append((actor, action, session_id, details))
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._drain, name="agent-runtime-audit", daemon=True
+                )
+                self._writer.start()
+            self._cv.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every posted record is on disk."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._queue and not self._in_flight)
+
+    def close(self) -> None:
+        """Flush and stop the writer thread (idempotent); :meth:`append` still works."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                batch = self._queue[: self.MAX_BATCH]
+                del self._queue[: self.MAX_BATCH]
+                self._in_flight = len(batch)
+            try:
+                self._write(batch)
+            except Exception:  # the disk failed: the records are lost, and the operator told
+                log.exception(
+                    "audit log %s: %d records could not be written", self.path, len(batch)
+                )
+            finally:
+                with self._cv:
+                    self._in_flight = 0
+                    self._cv.notify_all()
+
+    def _write(self, batch: list[Pending]) -> list[dict[str, Any]]:
+        """Append ``batch`` in order with one fsync; returns the records."""
+        records: list[dict[str, Any]] = []
         with self._mutex, locked(self._lockfile):
             created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -165,24 +241,35 @@ class AuditLog:
                 seq, prev, end = self._tail(fd)
                 if end != os.fstat(fd).st_size:
                     os.ftruncate(fd, end)
-                record: dict[str, Any] = {
-                    "seq": seq,
-                    "time": round(self._clock(), 6),
-                    "actor": actor,
-                    "action": action,
-                    "session": session_id,
-                    "details": dict(sorted(details.items())),
-                    "prev": prev,
-                }
-                record["hash"] = _record_hash(record)
-                line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
-                os.write(fd, line.encode())
-                os.fsync(fd)
+                lines = []
+                for actor, action, session_id, details in batch:
+                    record: dict[str, Any] = {
+                        "seq": seq,
+                        "time": round(self._clock(), 6),
+                        "actor": actor,
+                        "action": action,
+                        "session": session_id,
+                        "details": dict(sorted(details.items())),
+                        "prev": prev,
+                    }
+                    record["hash"] = _record_hash(record)
+                    records.append(record)
+                    lines.append(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n")
+                    seq, prev = seq + 1, record["hash"]
+                data = "".join(lines).encode()
+                written = 0
+                try:
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, end)  # all or nothing: never leave a partial record
+                    raise
             finally:
                 os.close(fd)
             if created:
                 fsync_dir(self.path.parent)
-        return record
+        return records
 
 
 def verify(path: Path) -> tuple[bool, int | None]:

@@ -219,6 +219,7 @@ class Server:
             await self._ws.wait_closed()
         await self.engine.aclose()
         await self.store.aclose()
+        await asyncio.to_thread(self.audit.close)  # every posted record is on disk
 
     async def _is_ready(self) -> bool:
         return self.ready and await self.store.ping()

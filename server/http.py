@@ -79,12 +79,12 @@ class HttpRoutes:
         if self.closing():
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
         if not self.auth.origin_allowed(request):
-            self.audit.append("-", "denied", None, code="origin_not_allowed")
+            self.audit.post("-", "denied", None, code="origin_not_allowed")
             return conn.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
         try:
             self.tenant_of[conn] = await self.auth.tenant_of(request)
         except AuthenticationError as exc:
-            self.audit.append("-", "denied", None, code=exc.code)
+            self.audit.post("-", "denied", None, code=exc.code)
             return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
         return None
 
@@ -98,7 +98,7 @@ class HttpRoutes:
         try:
             tenant = await self.auth.tenant_of(request)
         except AuthenticationError as exc:
-            self.audit.append("-", "denied", None, code=exc.code)
+            self.audit.post("-", "denied", None, code=exc.code)
             return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
         assert self.auth.tickets is not None
         ticket = self.auth.tickets.issue_ticket(tenant, TICKET_TTL_S)

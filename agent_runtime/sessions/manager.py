@@ -93,7 +93,7 @@ class SessionManager:
         self, tenant: str, action: str, session_id: str | None, **details: str | float | int | None
     ) -> None:
         if self.audit is not None:
-            self.audit.append(tenant, action, session_id, **details)
+            self.audit.post(tenant, action, session_id, **details)
 
     def _open(self, tenant: str, session_id: str, *, new: bool) -> _Opened:
         """Open (or create) a session's bank, generation state and privacy state (worker thread).
