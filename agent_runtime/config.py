@@ -76,7 +76,7 @@ class ServerConfig:
     auth: str = "auto"
     """Tenant authentication: ``required``, ``none`` (loopback only), or ``auto`` (required once a tenant exists)."""
     allowed_origins: str = ""
-    """Comma-separated extra browser origins allowed to connect (same-origin pages always are)."""
+    """Comma-separated public origins of pages allowed to connect (``https://chat.example.com``); the server's own bind address always is."""
 
     def validate(self) -> None:
         if not self.host:

@@ -30,6 +30,7 @@ from agent_runtime.errors import AuthenticationError, PrivacyError
 from agent_runtime.files import atomic_write, ensure_private_dir, locked
 
 __all__ = [
+    "ANONYMOUS_TENANT",
     "ApiKeyInfo",
     "MemoryUsedTickets",
     "RedisUsedTickets",
@@ -41,6 +42,8 @@ __all__ = [
 
 REGISTRY_VERSION = 1
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+ANONYMOUS_TENANT = "default"
+"""The tenant of unauthenticated sessions (auth off); no registered tenant may take this name."""
 _KEY = re.compile(r"ar_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _INVALID = "invalid API key"  # one message for every failure: no oracle for which part was wrong
 
@@ -122,6 +125,11 @@ class TenantRegistry:
         if not _TENANT.fullmatch(tenant):
             raise PrivacyError(
                 "tenant name must be 1-64 characters of [A-Za-z0-9._@-], starting alphanumeric"
+            )
+        if tenant == ANONYMOUS_TENANT:
+            raise PrivacyError(
+                f"tenant name {ANONYMOUS_TENANT!r} is reserved for sessions made without"
+                " authentication; choose another name"
             )
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)

