@@ -7,69 +7,49 @@ reused by the next adds, so no operation moves or re-indexes live entries and a 
 always belongs to its returned key. :class:`~memory.policy.MinQueue` finds the entries to
 evict or expire without scanning the bank.
 
+The bank owns its persistence: ``state_dict`` / ``load_state_dict`` capture and restore it,
+``open`` rebuilds it from a directory's snapshot state and log operations, and every operation
+is reported to its :class:`~memory.durable.Journal` (which only writes files, never sees a bank).
+
 A bank is not thread-safe: use it from one thread at a time (different banks may be searched
 concurrently, as :func:`search_banks` does).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agent_runtime.errors import BankCapacityError, MemoryBankError
 from memory.config import MemoryConfig
+from memory.durable import (
+    Add,
+    Journal,
+    Meta,
+    Operation,
+    Prune,
+    Remove,
+    Touch,
+    meta_json,
+    recover,
+    replay_error,
+)
 from memory.index import FlatKeys, IVFKeys, KeyIndex
-from memory.persist import ADD, PRUNE, REMOVE, TOUCH, Cipher, LogWriter
+from memory.persist import Cipher
 from memory.policy import MinQueue, expiry_keys, fifo_keys, importance_keys
+from memory.results import BankStats, SearchResult
+from memory.state import build_state, restore_state
 from memory.storage import SlotStore
 
 __all__ = ["BankStats", "MemoryBank", "SearchResult", "search_banks"]
-
-
-@dataclass
-class SearchResult:
-    """Top-k results for ``q`` queries; invalid slots have ``mask == False`` and ``ids == -1``.
-
-    Valid results come first in each row, best score first; invalid ones have zero values
-    and scores.
-    """
-
-    values: np.ndarray  # (q, k, value_dim) float32
-    scores: np.ndarray  # (q, k) float32, inner products with the stored keys
-    ids: np.ndarray  # (q, k) int64 stable entry ids
-    mask: np.ndarray  # (q, k) bool
-
-
-@dataclass
-class BankStats:
-    entries: int
-    capacity: int
-    added_total: int
-    evicted_total: int
-    pruned_total: int
-    key_dim: int
-    value_dim: int
-    bytes: int
-    """Bytes held for the entries: key codes (and index overhead), values, metadata."""
-    index: str = "flat"
-    """``flat`` (exact) or ``ivf`` (approximate)."""
-    slots: int = 0
-    """Rows in the store and the index (live + free, reused before the store grows)."""
-    generation: int = 0
-    """Snapshot generation on disk (0: none yet, or not persistent)."""
-    log_bytes: int = 0
-    """Size of the append log since the last snapshot."""
-
-    def as_dict(self) -> dict[str, int | str]:
-        return dataclasses.asdict(self)
 
 
 class MemoryBank:
@@ -99,12 +79,7 @@ class MemoryBank:
         self._store = SlotStore(value_dim, value_dtype)
         self._index: KeyIndex = FlatKeys(key_dim, self.config.flat_storage)
         self._make_queues()
-        # persistence (set by memory.durable.open_bank)
-        self._dir: Path | None = None
-        self._cipher: Cipher | None = None
-        self._log: LogWriter | None = None
-        self._generation = 0
-        self._logged_meta = "{}"
+        self._journal: Journal | None = None  # set by open(): the bank's directory
         self._closed = False
 
     # -- construction helpers -------------------------------------------------------------------
@@ -116,6 +91,10 @@ class MemoryBank:
         self._expire_q: MinQueue | None = None
         if c.ttl_s > 0 or c.staleness_s > 0:
             self._expire_q = MinQueue(self._store, expiry_keys(c.ttl_s, c.staleness_s, c.min_age_s))
+
+    def _set_config(self, config: MemoryConfig) -> None:
+        self.config = config
+        self._make_queues()
 
     @classmethod
     def open(
@@ -130,12 +109,30 @@ class MemoryBank:
     ) -> MemoryBank:
         """Create or restore the bank stored in ``directory`` (snapshot + log replay).
 
-        Raises :class:`BankFormatError` for torn, tampered or incompatible files (other dims,
-        other key/value encodings, a missing cipher). ``add`` then appends to the log.
+        The restored bank holds exactly the state of the last :meth:`sync` (or later, up to
+        the last complete log record) and answers searches bit-identically. Raises
+        :class:`BankFormatError` for torn, tampered or incompatible files (other dims, other
+        key/value encodings, a missing cipher). Every operation is then logged. If the
+        policies in ``config`` differ from the stored ones, a new generation is written, so
+        later records replay under the new config.
         """
-        from memory.durable import open_bank
-
-        return open_bank(cls, Path(directory), key_dim, value_dim, config, cipher, clock)
+        bank = cls(key_dim, value_dim, config, clock=clock)
+        config = bank.config
+        found = recover(Path(directory), key_dim, value_dim, config, cipher)
+        if found.state is not None:
+            bank.load_state_dict(found.state)
+        if found.records is not None:
+            bank._set_config(found.replay_config)  # records replay under their own config
+            for op in found.operations():
+                try:
+                    bank._replay(op)
+                except (ValueError, MemoryBankError) as exc:
+                    raise replay_error(found.log_name, op.seq, exc) from exc
+        bank._set_config(config)
+        bank._journal = found.journal(config, bank.meta)
+        if found.replay_config.to_dict() != config.to_dict():
+            bank.snapshot()  # later records must replay under the new config
+        return bank
 
     # -- public operations ------------------------------------------------------------------------
 
@@ -175,10 +172,8 @@ class MemoryBank:
         if n == 0:
             return np.zeros(0, np.int64)
         now = self._now()
-        if self._log is not None:
-            from memory.durable import encode_add
-
-            self._log.append(ADD, encode_add(now, keys, values, positions))
+        if self._journal is not None:
+            self._journal.add(now, keys, values, positions)
         return self._apply_add(now, keys, values, positions)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
@@ -224,10 +219,8 @@ class MemoryBank:
         touched, counts = np.unique(rows[mask], return_counts=True)
         if touched.shape[0]:
             weights = counts.astype(np.float64)
-            if self._log is not None:
-                from memory.durable import encode_touch
-
-                self._log.append(TOUCH, encode_touch(now, touched, st.ids[touched], weights))
+            if self._journal is not None:
+                self._journal.touch(now, touched, st.ids[touched], weights)
             self._apply_touch(now, touched, weights)
         return SearchResult(values=values, scores=scores, ids=ids, mask=mask)
 
@@ -250,8 +243,8 @@ class MemoryBank:
         if ids.shape[0] == 0:
             return 0
         slots = self._slots_of(ids)
-        if self._log is not None:
-            self._log.append(REMOVE, ids.tobytes())
+        if self._journal is not None:
+            self._journal.remove(ids)
         self._store.release(slots)
         return int(slots.shape[0])
 
@@ -268,8 +261,8 @@ class MemoryBank:
             bytes=st.nbytes() + self._index.nbytes(),
             index=self._index.kind,
             slots=st.hwm,
-            generation=self._generation,
-            log_bytes=self._log.size() if self._log is not None else 0,
+            generation=self._journal.generation if self._journal is not None else 0,
+            log_bytes=self._journal.size() if self._journal is not None else 0,
         )
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -281,37 +274,74 @@ class MemoryBank:
         """Ids of all live entries, ascending."""
         return np.sort(self._store.ids[self._store.live_slots()])
 
+    # -- state dicts ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that restores this bank exactly: entries, keys, metadata, counters, clock.
+
+        A plain dict, versioned (layout: :mod:`memory.state`): JSON data (``meta`` is a copy)
+        plus ``"arrays"``, numpy arrays that are views of the bank's storage, valid until the
+        bank next changes (copy them to keep a state). Raises :class:`MemoryBankError` if
+        ``meta`` is not JSON-serialisable.
+        """
+        counters = dict(
+            next_id=self._next_id,
+            added_total=self._added_total,
+            evicted_total=self._evicted_total,
+            pruned_total=self._pruned_total,
+        )
+        meta = json.loads(meta_json(self.meta))
+        parts = (self.config, meta, counters, self._last_time, self._store, self._index)
+        return build_state(self.key_dim, self.value_dim, *parts)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace this bank's contents with ``state`` (a :meth:`state_dict` of a bank with the
+        same dims and layout fields); afterwards it answers exactly as that bank did.
+
+        ``state`` is validated before anything changes: :class:`BankFormatError` names what is
+        wrong (version, dims, encodings, a missing field, array sizes, the key index). The
+        bank keeps its own config (its policies apply from the next operation). A bank with
+        a directory refuses (:class:`MemoryBankError`): its log would no longer replay.
+        """
+        self._check_open()
+        if self._journal is not None:
+            raise MemoryBankError("cannot load a state dict into a bank that has a directory")
+        restored = restore_state(state, self.key_dim, self.value_dim, self.config)
+        self._store, self._index = restored.store, restored.index
+        self._next_id = restored.counters["next_id"]
+        self._added_total = restored.counters["added_total"]
+        self._evicted_total = restored.counters["evicted_total"]
+        self._pruned_total = restored.counters["pruned_total"]
+        self._last_time = restored.last_time
+        self.meta = restored.meta
+        self._make_queues()
+
     # -- durability (no-ops without a directory) --------------------------------------------------
 
     def sync(self) -> None:
         """Make every add (and ``meta``) so far durable: it survives a crash or kill -9."""
         self._check_open()
-        if self._log is not None:
-            from memory.durable import log_meta
-
-            log_meta(self)
-            self._log.sync()
+        if self._journal is not None:
+            self._journal.sync(self.meta)
 
     def snapshot(self) -> None:
         """Write a new generation atomically, then start an empty log and drop the old one."""
         self._check_open()
-        if self._dir is not None:
-            from memory.durable import write_generation
-
-            write_generation(self)
+        if self._journal is not None:
+            self._journal.snapshot(self.state_dict())
 
     def close(self) -> None:
         """Sync and release files. Idempotent; the bank is unusable afterwards."""
         if self._closed:
             return
         try:
-            if self._log is not None:
+            if self._journal is not None:
                 self.sync()
         finally:
             self._closed = True
-            if self._log is not None:
-                self._log.close()
-                self._log = None
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
 
     def __enter__(self) -> MemoryBank:
         return self
@@ -319,7 +349,7 @@ class MemoryBank:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- internals (also used by log replay) ------------------------------------------------------
+    # -- internals ----------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
@@ -376,11 +406,28 @@ class MemoryBank:
         n = self._expire_q.pop_below(now, self._store.release)
         if n:
             self._pruned_total += n
-            if log and self._log is not None:
-                from memory.durable import encode_prune
-
-                self._log.append(PRUNE, encode_prune(now))
+            if log and self._journal is not None:
+                self._journal.prune(now)
         return n
+
+    def _replay(self, op: Operation) -> None:
+        """Apply one logged operation as it was applied when logged (in :meth:`open`)."""
+        match op:
+            case Add():
+                self._apply_add(op.now, op.keys, op.values, op.positions)
+            case Touch():
+                slots, st = op.slots, self._store
+                if np.any((slots < 0) | (slots >= st.hwm)) or np.any(st.ids[slots] != op.ids):
+                    raise ValueError("retrieval record names entries that are not in the bank")
+                self._last_time = max(self._last_time, op.now)
+                self._apply_touch(op.now, op.slots, op.weights)
+            case Prune():
+                self._last_time = max(self._last_time, op.now)
+                self._expire(op.now)
+            case Remove():
+                self._store.release(self._slots_of(op.ids))
+            case Meta():
+                self.meta = op.meta
 
     def _wants_ivf(self) -> bool:
         return (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from agent_runtime.errors import ConfigError
+from agent_runtime.errors import BankFormatError, ConfigError
 
 EVICTION_POLICIES = ("fifo", "importance")
 INDEX_KINDS = ("auto", "flat", "ivf")
@@ -108,3 +108,33 @@ class MemoryConfig:
         """Inverse of :meth:`to_dict`; unknown keys (from newer versions) are ignored."""
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         return cls(**known).validate()  # type: ignore[arg-type]
+
+
+def check_layout(
+    what: str, raw: object, key_dim: int, value_dim: int, config: MemoryConfig
+) -> MemoryConfig:
+    """The config stored in ``raw`` (a snapshot or log header, or a bank state dict), after
+    checking that it describes a bank of these dims and of ``config``'s layout.
+
+    ``raw`` must be a mapping with ``key_dim``, ``value_dim`` and ``config``; anything else, other
+    dims, an invalid stored config or another value of a :data:`LAYOUT_FIELDS` field raises
+    :class:`BankFormatError` prefixed with ``what`` and naming the mismatch.
+    """
+    if not isinstance(raw, dict):
+        raise BankFormatError(f"{what}: header is not an object")
+    if raw.get("key_dim") != key_dim or raw.get("value_dim") != value_dim:
+        raise BankFormatError(
+            f"{what}: bank has dims ({raw.get('key_dim')}, {raw.get('value_dim')}), "
+            f"expected ({key_dim}, {value_dim})"
+        )
+    try:
+        stored = MemoryConfig.from_dict(dict(raw["config"]))
+    except Exception as exc:
+        raise BankFormatError(f"{what}: stored config is invalid: {exc}") from exc
+    for field in LAYOUT_FIELDS:
+        if getattr(stored, field) != getattr(config, field):
+            raise BankFormatError(
+                f"{what}: bank was written with {field}={getattr(stored, field)!r}, "
+                f"config has {getattr(config, field)!r}"
+            )
+    return stored

@@ -1,29 +1,33 @@
-"""Persistence of a :class:`~memory.bank.MemoryBank`: state dicts, log records, generations.
+"""Files of a bank directory: log records, snapshots of state dicts, generations.
 
-The log is an operation log (add, touch = retrieval bookkeeping, prune, meta). Replaying it on
-the snapshot repeats the same operations in the same order under the config the log was
-written with, so the restored bank has the same slots, index rows and metadata as before the
-crash and returns bit-identical search results. Evictions are not logged: they follow
-deterministically from the adds.
+This module knows files, never banks. A bank writes through a :class:`Journal` (one call per
+operation it performs, :meth:`Journal.snapshot` with its state dict), and restores itself from
+a :class:`Recovery` (:func:`recover`): the snapshot's state dict, then the log's operations
+(:class:`Add`, :class:`Touch`, :class:`Prune`, :class:`Remove`, :class:`Meta`) in order.
+
+The log is an operation log. Replaying it on the snapshot repeats the same operations in the
+same order under the config the log was written with, so the restored bank has the same
+slots, index rows and metadata as before the crash and returns bit-identical search results.
+Evictions are not logged: they follow deterministically from the adds. The byte formats are
+those of :mod:`memory.persist`; the state dict layout is :mod:`memory.state`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from agent_runtime.errors import BankFormatError, MemoryBankError
-from memory.config import LAYOUT_FIELDS, MemoryConfig
-from memory.index import load_index
+from agent_runtime.files import fsync_dir
+from memory.config import MemoryConfig, check_layout
 from memory.persist import (
     ADD,
     META,
@@ -37,21 +41,23 @@ from memory.persist import (
     read_snapshot,
     write_snapshot,
 )
-from memory.storage import SlotStore
-
-if TYPE_CHECKING:
-    from memory.bank import MemoryBank
 
 __all__ = [
-    "encode_add",
-    "encode_prune",
-    "encode_touch",
-    "log_meta",
-    "open_bank",
-    "write_generation",
+    "Add",
+    "Journal",
+    "Meta",
+    "Operation",
+    "Prune",
+    "Recovery",
+    "Remove",
+    "Touch",
+    "meta_json",
+    "read_state",
+    "recover",
+    "replay_error",
+    "write_state",
 ]
 
-STATE_VERSION = 1
 _SNAP = re.compile(r"snapshot-(\d{8})\.bank")
 _LOG = re.compile(r"log-(\d{8})\.wal")
 _ADD = struct.Struct("<dI")
@@ -67,192 +73,273 @@ def _log_path(directory: Path, gen: int) -> Path:
     return directory / f"log-{gen:08d}.wal"
 
 
-# -- records -----------------------------------------------------------------------------------
+def meta_json(meta: object) -> str:
+    """The canonical JSON text of a bank's ``meta`` (how it is logged and compared).
+
+    Raises :class:`MemoryBankError` if ``meta`` is not JSON-serialisable (or holds NaN/inf).
+    """
+    try:
+        return json.dumps(meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise MemoryBankError(f"bank.meta is not JSON-serialisable: {exc}") from exc
 
 
-def encode_add(now: float, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> bytes:
-    return b"".join(
-        [_ADD.pack(now, keys.shape[0]), positions.tobytes(), keys.tobytes(), values.tobytes()]
-    )
+# -- snapshots of state dicts ----------------------------------------------------------------
 
 
-def encode_touch(now: float, slots: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> bytes:
-    return b"".join(
-        [_TOUCH.pack(now, slots.shape[0]), slots.tobytes(), ids.tobytes(), weights.tobytes()]
-    )
+def write_state(
+    path: Path, generation: int, state: Mapping[str, Any], cipher: Cipher | None
+) -> int:
+    """Atomically write a bank state dict as a snapshot file; returns its size in bytes.
+
+    ``state["arrays"]`` become the file's sections, every other field its JSON header.
+    """
+    header = {name: value for name, value in state.items() if name != "arrays"}
+    return write_snapshot(path, generation, header, dict(state["arrays"]), cipher)
 
 
-def encode_prune(now: float) -> bytes:
-    return _PRUNE.pack(now)
+def read_state(path: Path, cipher: Cipher | None) -> tuple[int, dict[str, Any]]:
+    """Verify a snapshot file and return ``(generation, state dict)``.
+
+    The state's arrays are read-only views into the file's bytes. Raises
+    :class:`BankFormatError` for a torn, corrupted or tampered file; the state itself is
+    validated by the bank that loads it.
+    """
+    generation, header, sections = read_snapshot(path, cipher)
+    return generation, {**header, "arrays": sections}
+
+
+# -- log operations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Add:
+    """Entries added at ``now`` (float32 rows; read-only arrays)."""
+
+    seq: int
+    now: float
+    keys: np.ndarray
+    values: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass(frozen=True)
+class Touch:
+    """Entries retrieved at ``now``: their slots, their ids (to check) and retrieval weights."""
+
+    seq: int
+    now: float
+    slots: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray
+
+
+@dataclass(frozen=True)
+class Prune:
+    """An expiry pass at ``now`` that removed at least one entry."""
+
+    seq: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Live entries removed by id."""
+
+    seq: int
+    ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The bank's ``meta`` as of this point."""
+
+    seq: int
+    meta: dict[str, Any]
+
+
+Operation = Add | Touch | Prune | Remove | Meta
 
 
 def _split(body: bytes, offset: int, parts: list[tuple[str, int]]) -> list[np.ndarray]:
     out = []
     for dtype, count in parts:
-        size = np.dtype(dtype).itemsize * count
         out.append(np.frombuffer(body, dtype, count, offset))
-        offset += size
+        offset += np.dtype(dtype).itemsize * count
     if offset != len(body):
         raise ValueError("record length does not match its contents")
     return out
 
 
-def _replay(bank: MemoryBank, rec: LogRecord) -> None:
+def _decode(rec: LogRecord, key_dim: int, value_dim: int) -> Operation:
     body = rec.payload
     if rec.type == ADD:
         now, n = _ADD.unpack_from(body)
         pos, keys, values = _split(
-            body, _ADD.size, [("<i8", n), ("<f4", n * bank.key_dim), ("<f4", n * bank.value_dim)]
+            body, _ADD.size, [("<i8", n), ("<f4", n * key_dim), ("<f4", n * value_dim)]
         )
-        bank._apply_add(now, keys.reshape(n, bank.key_dim), values.reshape(n, bank.value_dim), pos)
-    elif rec.type == TOUCH:
+        return Add(rec.seq, now, keys.reshape(n, key_dim), values.reshape(n, value_dim), pos)
+    if rec.type == TOUCH:
         now, m = _TOUCH.unpack_from(body)
         slots, ids, weights = _split(body, _TOUCH.size, [("<i8", m), ("<i8", m), ("<f8", m)])
-        st = bank._store
-        if np.any((slots < 0) | (slots >= st.hwm)) or np.any(st.ids[slots] != ids):
-            raise ValueError("retrieval record names entries that are not in the bank")
-        bank._last_time = max(bank._last_time, now)
-        bank._apply_touch(now, slots, weights)
-    elif rec.type == PRUNE:
+        return Touch(rec.seq, now, slots, ids, weights)
+    if rec.type == PRUNE:
         (now,) = _PRUNE.unpack(body)
-        bank._last_time = max(bank._last_time, now)
-        bank._expire(now)
-    elif rec.type == REMOVE:
+        return Prune(rec.seq, now)
+    if rec.type == REMOVE:
         (ids,) = _split(body, 0, [("<i8", len(body) // 8)])
-        bank._store.release(bank._slots_of(ids))
-    elif rec.type == META:
+        return Remove(rec.seq, ids)
+    if rec.type == META:
         meta = json.loads(body)
         if not isinstance(meta, dict):
             raise ValueError("meta record is not an object")
-        bank.meta = meta
+        return Meta(rec.seq, meta)
+    raise ValueError(f"unknown record type {rec.type}")
 
 
-def log_meta(bank: MemoryBank) -> None:
-    """Append a meta record if ``bank.meta`` changed since it was last written."""
-    text = _meta_json(bank)
-    if text != bank._logged_meta and bank._log is not None:
-        bank._log.append(META, text.encode())
-        bank._logged_meta = text
+def replay_error(log_name: str, seq: int, exc: Exception) -> BankFormatError:
+    """The error for log record ``seq`` that does not decode or does not apply to the bank."""
+    return BankFormatError(f"{log_name}: record {seq} does not replay: {exc}")
 
 
-def _meta_json(bank: MemoryBank) -> str:
-    try:
-        return json.dumps(bank.meta, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise MemoryBankError(f"bank.meta is not JSON-serialisable: {exc}") from exc
+# -- the journal: what a persistent bank writes ----------------------------------------------
 
 
-# -- state dict --------------------------------------------------------------------------------
+def _log_header(key_dim: int, value_dim: int, config: Mapping[str, object]) -> dict[str, object]:
+    return {"key_dim": key_dim, "value_dim": value_dim, "config": dict(config)}
 
 
-def state_dict(bank: MemoryBank) -> tuple[dict[str, object], dict[str, np.ndarray]]:
-    """Header (JSON) and arrays that restore ``bank`` exactly."""
-    header: dict[str, object] = {
-        "state_version": STATE_VERSION,
-        "key_dim": bank.key_dim,
-        "value_dim": bank.value_dim,
-        "config": bank.config.to_dict(),
-        "meta": json.loads(_meta_json(bank)),
-        "counters": {
-            "next_id": bank._next_id,
-            "added_total": bank._added_total,
-            "evicted_total": bank._evicted_total,
-            "pruned_total": bank._pruned_total,
-        },
-        "last_time": bank._last_time if math.isfinite(bank._last_time) else None,
-        "index_kind": bank._index.kind,
-    }
-    sections = dict(bank._store.state())
-    sections["index"] = bank._index.to_bytes()
-    return header, sections
+class Journal:
+    """The append log of one bank directory, and the generations it starts.
+
+    Callers may rely on: each operation method appends one record, in call order (buffered,
+    no fsync); :meth:`sync` makes every record so far durable (it survives a crash or kill -9);
+    :meth:`snapshot` leaves exactly one complete generation on disk at every instant. The
+    arrays passed in are encoded at once, so callers may reuse them afterwards.
+    """
+
+    def __init__(self, directory: Path, generation: int, writer: LogWriter, meta: object) -> None:
+        self._dir = directory
+        self._generation = generation
+        self._writer = writer
+        self._logged_meta = meta_json(meta)
+
+    @property
+    def generation(self) -> int:
+        """The generation on disk (0: no snapshot yet)."""
+        return self._generation
+
+    def size(self) -> int:
+        """Bytes of the log since the last snapshot (header included)."""
+        return self._writer.size()
+
+    def add(self, now: float, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
+        """Log entries added at ``now`` (float32 keys and values, int64 positions)."""
+        parts = [positions.tobytes(), keys.tobytes(), values.tobytes()]
+        self._writer.append(ADD, b"".join([_ADD.pack(now, keys.shape[0]), *parts]))
+
+    def touch(self, now: float, slots: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        """Log a retrieval at ``now`` (int64 slots and ids, float64 weights)."""
+        parts = [slots.tobytes(), ids.tobytes(), weights.tobytes()]
+        self._writer.append(TOUCH, b"".join([_TOUCH.pack(now, slots.shape[0]), *parts]))
+
+    def prune(self, now: float) -> None:
+        """Log an expiry pass at ``now``."""
+        self._writer.append(PRUNE, _PRUNE.pack(now))
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Log the removal of entries by id (int64)."""
+        self._writer.append(REMOVE, np.ascontiguousarray(ids, np.int64).tobytes())
+
+    def sync(self, meta: object) -> None:
+        """Log ``meta`` if it changed since last logged, then make the log durable."""
+        text = meta_json(meta)
+        if text != self._logged_meta:
+            self._writer.append(META, text.encode())
+            self._logged_meta = text
+        self._writer.sync()
+
+    def snapshot(self, state: Mapping[str, Any]) -> None:
+        """Write ``state`` as generation g+1, start its empty log, then delete generation g."""
+        gen = self._generation + 1
+        cipher = self._writer.cipher
+        write_state(_snap_path(self._dir, gen), gen, state, cipher)
+        header = _log_header(state["key_dim"], state["value_dim"], state["config"])
+        new_log = LogWriter.create(_log_path(self._dir, gen), gen, header, cipher)
+        old = self._writer
+        self._writer, self._generation = new_log, gen
+        self._logged_meta = meta_json(state["meta"])
+        old.close()
+        _drop_older(self._dir, gen)
+
+    def close(self) -> None:
+        """Release the log file (without syncing it). Idempotent."""
+        self._writer.close()
 
 
-def load_state_dict(
-    bank: MemoryBank, header: dict[str, object], sections: dict[str, np.ndarray]
-) -> None:
-    """Restore ``bank`` from :func:`state_dict` output; raises :class:`BankFormatError`."""
-    try:
-        if header.get("state_version") != STATE_VERSION:
-            raise ValueError(f"state version {header.get('state_version')}")
-        counters = header["counters"]
-        meta = header["meta"]
-        if not isinstance(counters, dict) or not isinstance(meta, dict):
-            raise ValueError("counters/meta are not objects")
-        store = SlotStore.from_state(
-            bank.value_dim,
-            bank._store.values.dtype,
-            {n: sections[n] for n in (*SlotStore.ARRAYS, "free")},
-        )
-        index_bytes = np.array(sections["index"], np.uint8)  # a writable copy for FAISS
-        stored = MemoryConfig.from_dict(dict(header["config"]))  # type: ignore[call-overload]
-        index = load_index(
-            index_bytes,
-            bank.key_dim,
-            _storage_of(stored, str(header["index_kind"])),
-            bank.config.ivf_nprobe,
-        )
-        if index.ntotal != store.hwm or index.kind != header["index_kind"]:
-            raise ValueError(f"key index has {index.ntotal} rows for {store.hwm} slots")
-        next_id = int(counters["next_id"])
-        if store.hwm and int(store.ids[: store.hwm].max()) >= next_id:
-            raise ValueError("entry ids beyond the id counter")
-        last_time = header.get("last_time")
-    except BankFormatError:
-        raise
-    except (KeyError, ValueError, TypeError) as exc:
-        raise BankFormatError(f"snapshot state is inconsistent: {exc}") from exc
-    bank._store, bank._index = store, index
-    bank._next_id = next_id
-    bank._added_total = int(counters["added_total"])
-    bank._evicted_total = int(counters["evicted_total"])
-    bank._pruned_total = int(counters["pruned_total"])
-    bank._last_time = float(last_time) if isinstance(last_time, int | float) else -np.inf
-    bank.meta = meta
-    bank._make_queues()
+# -- recovery: what a bank restores itself from ----------------------------------------------
 
 
-def _storage_of(config: MemoryConfig, kind: str) -> str:
-    return config.ivf_storage if kind == "ivf" else config.flat_storage
+@dataclass
+class Recovery:
+    """The newest generation of a bank directory, verified and checked against the bank.
 
+    ``state`` is the snapshot's state dict (``None`` for generation 0); :meth:`operations`
+    yields the log's operations to apply after loading it, under ``replay_config``: the
+    config the log was written with (the snapshot's without a log, the caller's without
+    either). :meth:`journal` then continues the log.
+    """
 
-# -- generations ---------------------------------------------------------------------------------
+    directory: Path
+    generation: int
+    cipher: Cipher | None
+    key_dim: int
+    value_dim: int
+    state: dict[str, Any] | None
+    replay_config: MemoryConfig
+    log_name: str
+    records: list[LogRecord] | None = field(repr=False)
+    """The log's valid records (``None``: no log file yet)."""
+    valid_end: int
+    """Byte offset where the log's valid records end (a torn tail after it is cut)."""
 
+    def operations(self) -> Iterator[Operation]:
+        """The log's operations in order, decoded lazily.
 
-def _log_header(bank: MemoryBank) -> dict[str, object]:
-    return {"key_dim": bank.key_dim, "value_dim": bank.value_dim, "config": bank.config.to_dict()}
+        A record that does not decode raises :class:`BankFormatError` (:func:`replay_error`).
+        """
+        for rec in self.records or ():
+            try:
+                op = _decode(rec, self.key_dim, self.value_dim)
+            except (ValueError, struct.error, json.JSONDecodeError) as exc:
+                raise replay_error(self.log_name, rec.seq, exc) from exc
+            yield op
 
-
-def _check_compatible(
-    name: str, raw: object, key_dim: int, value_dim: int, config: MemoryConfig
-) -> MemoryConfig:
-    if not isinstance(raw, dict):
-        raise BankFormatError(f"{name}: header is not an object")
-    if raw.get("key_dim") != key_dim or raw.get("value_dim") != value_dim:
-        raise BankFormatError(
-            f"{name}: bank has dims ({raw.get('key_dim')}, {raw.get('value_dim')}), expected ({key_dim}, {value_dim})"
-        )
-    try:
-        stored = MemoryConfig.from_dict(dict(raw["config"]))
-    except Exception as exc:
-        raise BankFormatError(f"{name}: stored config is invalid: {exc}") from exc
-    for field in LAYOUT_FIELDS:
-        if getattr(stored, field) != getattr(config, field):
-            raise BankFormatError(
-                f"{name}: bank was written with {field}={getattr(stored, field)!r}, config has {getattr(config, field)!r}"
+    def journal(self, config: MemoryConfig, meta: object) -> Journal:
+        """Continue the log after its last valid record (cutting a torn tail), or start one
+        for ``config``; then delete older generations. Call once, after the replay."""
+        path = _log_path(self.directory, self.generation)
+        if self.records is not None:
+            writer = LogWriter.reopen(
+                path, self.generation, len(self.records), self.valid_end, self.cipher
             )
-    return stored
+        else:
+            header = _log_header(self.key_dim, self.value_dim, config.to_dict())
+            writer = LogWriter.create(path, self.generation, header, self.cipher)
+        _drop_older(self.directory, self.generation)
+        return Journal(self.directory, self.generation, writer, meta)
 
 
-def open_bank(
-    cls: type[MemoryBank],
-    directory: Path,
-    key_dim: int,
-    value_dim: int,
-    config: MemoryConfig | None,
-    cipher: Cipher | None,
-    clock: Callable[[], float],
-) -> MemoryBank:
-    config = (config or MemoryConfig()).validate()
+def recover(
+    directory: Path, key_dim: int, value_dim: int, config: MemoryConfig, cipher: Cipher | None
+) -> Recovery:
+    """Find and verify the newest generation in ``directory`` (created if missing).
+
+    Unfinished ``*.tmp`` files are deleted. Raises :class:`BankFormatError` for torn,
+    tampered or incompatible files: other dims or layout fields than ``config``'s (see
+    :func:`~memory.config.check_layout`), a missing or unexpected cipher, a log without its
+    snapshot, a file holding another generation than its name says.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     for tmp in directory.glob("*.tmp"):
         tmp.unlink()  # an unfinished generation: never renamed, so never part of the state
@@ -261,58 +348,34 @@ def open_bank(
     gen = snaps[-1] if snaps else 0
     if any(g > gen for g in logs):
         raise BankFormatError(f"{directory}: log of generation {logs[-1]} has no snapshot")
-    bank = cls(key_dim, value_dim, config, clock=clock)
+    state: dict[str, Any] | None = None
     replay_config = config
     if snaps:
         path = _snap_path(directory, gen)
-        file_gen, header, sections = read_snapshot(path, cipher)
+        file_gen, state = read_state(path, cipher)
         if file_gen != gen:
             raise BankFormatError(f"{path.name}: holds generation {file_gen}")
-        replay_config = _check_compatible(path.name, header, key_dim, value_dim, config)
-        load_state_dict(bank, header, sections)
+        replay_config = check_layout(path.name, state, key_dim, value_dim, config)
     log_path = _log_path(directory, gen)
-    writer: LogWriter | None = None
+    records: list[LogRecord] | None = None
+    valid_end = 0
     if log_path.exists():
         log_gen, log_header, records, valid_end = read_log(log_path, cipher)
         if log_gen != gen:
             raise BankFormatError(f"{log_path.name}: holds generation {log_gen}")
-        replay_config = _check_compatible(log_path.name, log_header, key_dim, value_dim, config)
-        bank.config = replay_config
-        bank._make_queues()
-        for rec in records:
-            try:
-                _replay(bank, rec)
-            except (ValueError, struct.error, json.JSONDecodeError, MemoryBankError) as exc:
-                raise BankFormatError(
-                    f"{log_path.name}: record {rec.seq} does not replay: {exc}"
-                ) from exc
-        writer = LogWriter.reopen(log_path, gen, len(records), valid_end, cipher)
-    bank.config = config
-    bank._make_queues()
-    bank._dir, bank._cipher, bank._generation = directory, cipher, gen
-    bank._logged_meta = _meta_json(bank)
-    if writer is None:
-        writer = LogWriter.create(log_path, gen, _log_header(bank), cipher)
-    bank._log = writer
-    _drop_older(directory, gen)
-    if replay_config.to_dict() != config.to_dict():
-        write_generation(bank)  # later records must replay under the new config
-    return bank
-
-
-def write_generation(bank: MemoryBank) -> None:
-    """Snapshot ``bank`` as generation g+1, start its log, then delete generation g."""
-    if bank._dir is None or bank._log is None:
-        raise MemoryBankError("bank has no directory")
-    directory, gen = bank._dir, bank._generation + 1
-    header, sections = state_dict(bank)
-    write_snapshot(_snap_path(directory, gen), gen, header, sections, bank._cipher)
-    new_log = LogWriter.create(_log_path(directory, gen), gen, _log_header(bank), bank._cipher)
-    old = bank._log
-    bank._log, bank._generation = new_log, gen
-    bank._logged_meta = _meta_json(bank)
-    old.close()
-    _drop_older(directory, gen)
+        replay_config = check_layout(log_path.name, log_header, key_dim, value_dim, config)
+    return Recovery(
+        directory=directory,
+        generation=gen,
+        cipher=cipher,
+        key_dim=key_dim,
+        value_dim=value_dim,
+        state=state,
+        replay_config=replay_config,
+        log_name=log_path.name,
+        records=records,
+        valid_end=valid_end,
+    )
 
 
 def _drop_older(directory: Path, gen: int) -> None:
@@ -324,8 +387,4 @@ def _drop_older(directory: Path, gen: int) -> None:
                 p.unlink()
             removed = True
     if removed:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)

@@ -34,6 +34,7 @@ BATCH_MIN_QUERIES = (
 )
 _SQ = {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit}
 _IP = faiss.METRIC_INNER_PRODUCT
+_CODE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per key component of each storage
 
 
 def _omp(threads: int) -> None:
@@ -230,7 +231,11 @@ class IVFKeys(KeyIndex):
 
 
 def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex:
-    """Deserialize an index written by :meth:`KeyIndex.to_bytes` (bytes already verified)."""
+    """Deserialize an index written by :meth:`KeyIndex.to_bytes` (bytes already verified).
+
+    Raises :class:`BankFormatError` unless it is a flat or IVF inner-product index of ``dim``
+    whose codes have the size of ``storage`` (an IVF one with its array direct map).
+    """
     try:
         raw = faiss.deserialize_index(buf)
     except RuntimeError as exc:
@@ -238,10 +243,17 @@ def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex
     index = raw  # already downcast by the SWIG typemap (and owned: no second proxy)
     if int(index.d) != dim or index.metric_type != _IP:
         raise BankFormatError(f"key index has dim {index.d}, expected {dim}")
-    if isinstance(index, faiss.IndexIVF):
+    ivf = isinstance(index, faiss.IndexIVF)
+    if not ivf and not isinstance(index, faiss.IndexFlatIP | faiss.IndexScalarQuantizer):
+        raise BankFormatError(f"unexpected key index type {type(index).__name__}")
+    want = _CODE_BYTES[storage] * dim
+    if int(index.code_size) != want:
+        raise BankFormatError(
+            f"key index stores {index.code_size} bytes per key; {storage} keys of dim {dim} "
+            f"take {want}"
+        )
+    if ivf:
         if index.direct_map.type != faiss.DirectMap.Array:
             raise BankFormatError("IVF key index lacks its direct map")
         return IVFKeys(dim, storage, index, nprobe)
-    if isinstance(index, faiss.IndexFlatIP | faiss.IndexScalarQuantizer):
-        return FlatKeys(dim, storage, index)
-    raise BankFormatError(f"unexpected key index type {type(index).__name__}")
+    return FlatKeys(dim, storage, index)

@@ -134,22 +134,34 @@ class SlotStore:
     def from_state(
         cls, value_dim: int, value_dtype: np.dtype[Any], arrays: dict[str, np.ndarray]
     ) -> SlotStore:
-        """Rebuild a store from :meth:`state`; raises ``ValueError`` on inconsistent arrays."""
+        """Rebuild a store from :meth:`state` (copying the arrays, which may be read-only).
+
+        Raises ``ValueError`` naming the problem: a missing row, dtype or width, a free list
+        that does not hold exactly the dead slots, ids on dead slots or negative live ids.
+        """
         store = cls(value_dim, value_dtype)
         hwm = int(arrays["ids"].shape[0])
         for name in cls.ARRAYS:
             arr = arrays[name]
             want = store.values.dtype if name == "values" else getattr(store, name).dtype
-            if arr.shape[0] != hwm or arr.dtype != want:
+            ndim = 2 if name == "values" else 1
+            if arr.ndim != ndim or arr.shape[0] != hwm or arr.dtype != want:
                 raise ValueError(f"array {name} has shape {arr.shape} / dtype {arr.dtype}")
         if arrays["values"].shape[1:] != (value_dim,):
             raise ValueError("values have the wrong width")
         free = arrays["free"]
         alive = arrays["alive"]
-        if free.dtype != np.int64 or np.any((free < 0) | (free >= hwm)) or np.any(alive[free]):
+        if free.dtype != np.int64 or free.ndim != 1:
+            raise ValueError(f"free list has shape {free.shape} / dtype {free.dtype}")
+        if np.any((free < 0) | (free >= hwm)) or np.any(alive[free]):
             raise ValueError("free list names live or out-of-range slots")
+        if np.unique(free).shape[0] != free.shape[0]:
+            raise ValueError("free list names a slot twice")
         if int(free.shape[0]) + int(alive.sum()) != hwm:
             raise ValueError("free list and live slots do not partition the store")
+        ids = arrays["ids"]
+        if np.any(ids[alive] < 0) or np.any(ids[~alive] != -1):
+            raise ValueError("entry ids do not match the live slots")
         if hwm:
             store._grow(hwm)
         for name in cls.ARRAYS:

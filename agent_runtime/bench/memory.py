@@ -31,8 +31,7 @@ import numpy as np
 
 from memory.bank import MemoryBank, search_banks
 from memory.config import MemoryConfig
-from memory.durable import load_state_dict, state_dict
-from memory.persist import read_snapshot, write_snapshot
+from memory.durable import read_state, write_state
 
 faiss: Any = _faiss
 K = 32
@@ -188,14 +187,14 @@ def bank_config(name: str, n: int) -> MemoryConfig:
 def snapshot_speeds(bank: MemoryBank) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "snapshot-00000001.bank"
-        header, sections = state_dict(bank)
+        state = bank.state_dict()
         t0 = time.perf_counter()
-        size = write_snapshot(path, 1, header, sections, None)
+        size = write_state(path, 1, state, None)
         t_write = time.perf_counter() - t0
         twin = MemoryBank(bank.key_dim, bank.value_dim, bank.config)
         t0 = time.perf_counter()
-        _, h, s = read_snapshot(path, None)
-        load_state_dict(twin, h, s)
+        _, loaded = read_state(path, None)
+        twin.load_state_dict(loaded)
         t_load = time.perf_counter() - t0
     mb = size / 1e6
     return {
