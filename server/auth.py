@@ -6,9 +6,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.http11 import Request
 
-from agent_runtime.config import ServerConfig
+from agent_runtime.config import ServerConfig, is_loopback
 from agent_runtime.errors import AuthenticationError
-from agent_runtime.config import is_loopback
 from privacy.tenants import ANONYMOUS_TENANT, TenantRegistry, TicketIssuer
 
 __all__ = ["Authenticator"]

@@ -108,7 +108,7 @@ def bench_row(
                 bank.add(keys[i : i + ADD_BATCH], values[i : i + ADD_BATCH])
                 for i in range(0, n, ADD_BATCH)
             ]
-        )  # type: ignore[union-attr]
+        )
         row["add_us_per_entry"] = t / n * 1e6
         row["index_kind"] = bank.stats().index
         search: Callable[[np.ndarray, int], np.ndarray] = _bank_search(bank)
@@ -157,9 +157,9 @@ def bench_row(
                 bank.add(extra[i : i + ADD_BATCH], extra[i : i + ADD_BATCH])
                 for i in range(0, m, ADD_BATCH)
             ]
-        )  # type: ignore[union-attr]
+        )
         evict = bank._evict_q  # direct cost of the policy: pop + release, no add
-        t = _timed(lambda: evict.pop_smallest(m, bank._store.release))  # type: ignore[union-attr]
+        t = _timed(lambda: evict.pop_smallest(m, bank._store.release))
         row["add_at_capacity_us_per_entry"] = add_full / m * 1e6
         row["evict_us_per_entry"] = t / m * 1e6
         row["evicted_total"] = bank.stats().evicted_total
