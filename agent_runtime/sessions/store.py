@@ -237,8 +237,9 @@ class EmbeddedRedis:
             str(self.data_dir),
             "--dbfilename",
             RDB_FILE,
-            "--save",
-            "",
+            "--save",  # also a compact RDB snapshot, and one at shutdown
+            "60",
+            "1",
             "--appendfilename",
             AOF_FILE,
             "--appendfsync",
