@@ -69,6 +69,7 @@ class MemoryBank:
         self.value_dim = value_dim
         self.config = (config or MemoryConfig()).validate()
         self.meta: dict[str, object] = {}
+        self.recovered_uncommitted = 0  # log records after the last commit, dropped by open()
         self._clock = clock
         self._last_time = -math.inf
         self._next_id = 0
@@ -109,8 +110,9 @@ class MemoryBank:
     ) -> MemoryBank:
         """Create or restore the bank stored in ``directory`` (snapshot + log replay).
 
-        The restored bank holds exactly the state of the last :meth:`sync` (or later, up to
-        the last complete log record) and answers searches bit-identically. Raises
+        The restored bank holds exactly the state of the last :meth:`sync` (the last commit:
+        operations after it were never acknowledged and are dropped, see
+        :attr:`recovered_uncommitted`) and answers searches bit-identically. Raises
         :class:`BankFormatError` for torn, tampered or incompatible files (other dims, other
         key/value encodings, a missing cipher). Every operation is then logged. If the
         policies in ``config`` differ from the stored ones, a new generation is written, so
@@ -129,6 +131,7 @@ class MemoryBank:
                 except (ValueError, MemoryBankError) as exc:
                     raise replay_error(found.log_name, op.seq, exc) from exc
         bank._set_config(config)
+        bank.recovered_uncommitted = found.uncommitted
         bank._journal = found.journal(config, bank.meta)
         if found.replay_config.to_dict() != config.to_dict():
             bank.snapshot()  # later records must replay under the new config

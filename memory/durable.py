@@ -25,17 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from agent_runtime.errors import BankFormatError, MemoryBankError
+from agent_runtime.errors import BankFormatError, MemoryBankError, StorageError
 from agent_runtime.files import fsync_dir
 from memory.config import MemoryConfig, check_layout
 from memory.persist import (
     ADD,
+    COMMIT,
     META,
     PRUNE,
     REMOVE,
     TOUCH,
     Cipher,
     LogRecord,
+    LogScan,
     LogWriter,
     read_log,
     read_snapshot,
@@ -206,7 +208,8 @@ def replay_error(log_name: str, seq: int, exc: Exception) -> BankFormatError:
 
 
 def _log_header(key_dim: int, value_dim: int, config: Mapping[str, object]) -> dict[str, object]:
-    return {"key_dim": key_dim, "value_dim": value_dim, "config": dict(config)}
+    # "commits": every sync ends with a COMMIT record, and recovery replays up to the last one.
+    return {"key_dim": key_dim, "value_dim": value_dim, "config": dict(config), "commits": 1}
 
 
 class Journal:
@@ -252,18 +255,26 @@ class Journal:
         self._writer.append(REMOVE, np.ascontiguousarray(ids, np.int64).tobytes())
 
     def sync(self, meta: object) -> None:
-        """Log ``meta`` if it changed since last logged, then make the log durable."""
+        """Log ``meta`` if it changed since last logged, then commit: a COMMIT record ends the
+        batch and the log is fsynced. Recovery replays exactly the committed batches; a batch
+        that did not reach the disk whole is dropped. Raises :class:`StorageError` (nothing of
+        the batch is on disk; it stays pending and the next sync writes it again)."""
         text = meta_json(meta)
         if text != self._logged_meta:
             self._writer.append(META, text.encode())
             self._logged_meta = text
-        self._writer.sync()
+        self._writer.sync(commit=self._writer.dirty)
 
     def snapshot(self, state: Mapping[str, Any]) -> None:
         """Write ``state`` as generation g+1, start its empty log, then delete generation g."""
         gen = self._generation + 1
         cipher = self._writer.cipher
-        write_state(_snap_path(self._dir, gen), gen, state, cipher)
+        try:
+            write_state(_snap_path(self._dir, gen), gen, state, cipher)
+        except OSError as exc:  # the previous generation is untouched
+            raise StorageError(
+                f"cannot write a bank snapshot: {exc.strerror or exc}", exc.errno
+            ) from exc
         header = _log_header(state["key_dim"], state["value_dim"], state["config"])
         new_log = LogWriter.create(_log_path(self._dir, gen), gen, header, cipher)
         old = self._writer
@@ -299,9 +310,13 @@ class Recovery:
     replay_config: MemoryConfig
     log_name: str
     records: list[LogRecord] | None = field(repr=False)
-    """The log's valid records (``None``: no log file yet)."""
+    """The log's committed operation records (``None``: no log file yet)."""
+    next_seq: int
+    """Sequence number of the next record appended to the log."""
     valid_end: int
     """Byte offset where the log's valid records end (a torn tail after it is cut)."""
+    uncommitted: int = 0
+    """Records after the last commit (unacknowledged writes), dropped and cut from the log."""
 
     def operations(self) -> Iterator[Operation]:
         """The log's operations in order, decoded lazily.
@@ -321,7 +336,7 @@ class Recovery:
         path = _log_path(self.directory, self.generation)
         if self.records is not None:
             writer = LogWriter.reopen(
-                path, self.generation, len(self.records), self.valid_end, self.cipher
+                path, self.generation, self.next_seq, self.valid_end, self.cipher
             )
         else:
             header = _log_header(self.key_dim, self.value_dim, config.to_dict())
@@ -359,11 +374,14 @@ def recover(
     log_path = _log_path(directory, gen)
     records: list[LogRecord] | None = None
     valid_end = 0
+    uncommitted = 0
     if log_path.exists():
-        log_gen, log_header, records, valid_end = read_log(log_path, cipher)
-        if log_gen != gen:
-            raise BankFormatError(f"{log_path.name}: holds generation {log_gen}")
-        replay_config = check_layout(log_path.name, log_header, key_dim, value_dim, config)
+        scan = read_log(log_path, cipher)
+        if scan.generation != gen:
+            raise BankFormatError(f"{log_path.name}: holds generation {scan.generation}")
+        replay_config = check_layout(log_path.name, scan.header, key_dim, value_dim, config)
+        records, valid_end = _committed(log_path.name, scan)
+        uncommitted = len(scan.records) - len(records)
     return Recovery(
         directory=directory,
         generation=gen,
@@ -373,9 +391,29 @@ def recover(
         state=state,
         replay_config=replay_config,
         log_name=log_path.name,
-        records=records,
+        records=[r for r in records if r.type != COMMIT] if records is not None else None,
+        next_seq=records[-1].seq + 1 if records else 0,
         valid_end=valid_end,
+        uncommitted=uncommitted,
     )
+
+
+def _committed(name: str, scan: LogScan) -> tuple[list[LogRecord], int]:
+    """The records a recovery replays, and where they end.
+
+    A log written with commits replays up to its last COMMIT record: anything after it was
+    never acknowledged (a batch cut short by a crash or a full disk). A log without commits
+    (written by an older version) replays every valid record, and any damage is corruption.
+    """
+    if not scan.header.get("commits"):
+        if scan.damaged_at is not None:
+            raise BankFormatError(
+                f"{name}: record {len(scan.records)} at byte {scan.damaged_at} is corrupt"
+            )
+        return scan.records, scan.valid_end
+    last = max((i for i, r in enumerate(scan.records) if r.type == COMMIT), default=-1)
+    committed = scan.records[: last + 1]
+    return committed, committed[-1].end if committed else scan.header_end
 
 
 def _drop_older(directory: Path, gen: int) -> None:

@@ -36,16 +36,17 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from agent_runtime.errors import BankFormatError
+from agent_runtime.errors import BankFormatError, StorageError
 from agent_runtime.files import atomic_write
 
 __all__ = [
     "Cipher",
     "LogRecord",
+    "LogScan",
     "LogWriter",
     "read_log",
     "read_snapshot",
@@ -65,7 +66,8 @@ MAX_RECORD = 1 << 30
 DTYPES = ("<f2", "<f4", "<f8", "<i8", "|b1", "|u1")
 
 # log record types
-ADD, TOUCH, PRUNE, META, REMOVE = 1, 2, 3, 4, 5
+ADD, TOUCH, PRUNE, META, REMOVE, COMMIT = 1, 2, 3, 4, 5, 6
+RECORD_TYPES = (ADD, TOUCH, PRUNE, META, REMOVE, COMMIT)
 
 
 class Cipher(Protocol):
@@ -197,6 +199,23 @@ class LogRecord:
     seq: int
     type: int
     payload: bytes
+    end: int = 0
+    """Byte offset just after this record in its file."""
+
+
+@dataclass
+class LogScan:
+    """A verified log: its generation, header and records up to the first damaged byte."""
+
+    generation: int
+    header: dict[str, object]
+    records: list[LogRecord]
+    valid_end: int
+    """Where the valid records end: a torn tail (or damage) after it is cut on reopen."""
+    header_end: int
+    """Where the header ends (the first record starts)."""
+    damaged_at: int | None
+    """Byte offset of a record that is corrupt although more data follows it (None: clean)."""
 
 
 def _record_aad(generation: int, seq: int, rtype: int) -> bytes:
@@ -204,17 +223,29 @@ def _record_aad(generation: int, seq: int, rtype: int) -> bytes:
 
 
 class LogWriter:
-    """Appends records to ``log-<gen>.wal``; :meth:`sync` makes every record so far durable."""
+    """Appends records to ``log-<gen>.wal``, all or nothing.
+
+    Records are encoded into memory by :meth:`append`; :meth:`sync` writes them after the last
+    durable record and fsyncs. A failed or short write (``ENOSPC``, ``EIO``...) truncates the
+    file back to the last durable record and raises :class:`StorageError`; the records stay
+    pending, so the next :meth:`sync` writes them again. The file therefore only ever holds
+    complete records followed, at worst during a crash, by one torn tail.
+    """
 
     def __init__(
-        self, path: Path, generation: int, next_seq: int, cipher: Cipher | None, fh: IO[bytes]
+        self, path: Path, generation: int, next_seq: int, cipher: Cipher | None, fd: int, end: int
     ) -> None:
         self.path = path
         self.generation = generation
         self.seq = next_seq
         self.cipher = cipher
-        self._fh = fh
-        self.dirty = False
+        self._fd: int | None = fd
+        self._durable = end  # bytes of complete, fsynced records (header included)
+        self._pending = bytearray()
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._pending)
 
     @classmethod
     def create(
@@ -224,52 +255,113 @@ class LogWriter:
         flags = SEALED if cipher is not None else 0
         head = json.dumps(header, separators=(",", ":")).encode()
         prefix = _LOG_HEAD.pack(LOG_MAGIC, FORMAT_VERSION, flags, generation, len(head)) + head
-        atomic_write(path, [prefix, _digest(prefix)])
-        return cls(path, generation, 0, cipher, open(path, "ab"))
+        try:
+            atomic_write(path, [prefix, _digest(prefix)])
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise _storage_error(path, "create", exc) from exc
+        return cls(path, generation, 0, cipher, fd, len(prefix) + _DIGEST)
 
     @classmethod
     def reopen(
         cls, path: Path, generation: int, next_seq: int, valid_end: int, cipher: Cipher | None
     ) -> LogWriter:
-        """Continue a log after its last valid record, cutting off a torn tail."""
-        fh = open(path, "r+b")  # noqa: SIM115 - the writer owns the handle until close()
-        fh.truncate(valid_end)
-        fh.seek(valid_end)
-        os.fsync(fh.fileno())
-        return cls(path, generation, next_seq, cipher, fh)
+        """Continue a log after its last valid record, cutting off what follows it."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+            os.ftruncate(fd, valid_end)
+            os.fsync(fd)
+        except OSError as exc:
+            raise _storage_error(path, "reopen", exc) from exc
+        return cls(path, generation, next_seq, cipher, fd, valid_end)
 
-    def append(self, rtype: int, payload: bytes) -> None:
+    def _encode(self, seq: int, rtype: int, payload: bytes) -> bytes:
         body = payload
         if self.cipher is not None:
-            body = self.cipher.seal(payload, _record_aad(self.generation, self.seq, rtype))
-        tail = struct.pack("<QB", self.seq, rtype)
-        crc = zlib.crc32(body, zlib.crc32(tail))
-        self._fh.write(_REC.pack(len(body), crc, self.seq, rtype))
-        self._fh.write(body)
-        self.seq += 1
-        self.dirty = True
+            body = self.cipher.seal(payload, _record_aad(self.generation, seq, rtype))
+        crc = zlib.crc32(body, zlib.crc32(struct.pack("<QB", seq, rtype)))
+        return _REC.pack(len(body), crc, seq, rtype) + body
 
-    def sync(self) -> None:
-        if self.dirty:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self.dirty = False
+    def append(self, rtype: int, payload: bytes) -> None:
+        self._pending += self._encode(self.seq, rtype, payload)
+        self.seq += 1
+
+    def sync(self, *, commit: bool = False) -> None:
+        """Write and fsync every pending record, or none of them (StorageError).
+
+        With ``commit``, a COMMIT record follows in a second write and fsync, so a COMMIT on
+        disk always means its whole batch was durable before it: recovery can tell damage in
+        acknowledged data (a valid COMMIT after it) from a batch a crash cut short.
+        """
+        if not self._pending and not commit:
+            return
+        if self._fd is None:
+            raise StorageError(f"{self.path.name}: the log is closed")
+        start = self._durable
+        try:
+            end = self._write_at(start, self._pending)
+            if commit:
+                end = self._write_at(end, self._encode(self.seq, COMMIT, b""))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise _storage_error(self.path, "write", exc) from exc
+        if commit:
+            self.seq += 1
+        self._durable = end
+        self._pending.clear()
+
+    def _write_at(self, offset: int, data: bytes | bytearray) -> int:
+        assert self._fd is not None
+        view = memoryview(data)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        finally:
+            view.release()
+        os.ftruncate(self._fd, offset + done)  # drop whatever a failed attempt left after it
+        os.fsync(self._fd)
+        return offset + done
 
     def size(self) -> int:
-        return self._fh.tell()
+        return self._durable + len(self._pending)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._fh.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-def read_log(
-    path: Path, cipher: Cipher | None
-) -> tuple[int, dict[str, object], list[LogRecord], int]:
-    """Verify and parse a log: ``(generation, header, records, valid_end)``.
+def _storage_error(path: Path, what: str, exc: OSError) -> StorageError:
+    return StorageError(f"cannot {what} bank log {path.name}: {exc.strerror or exc}", exc.errno)
+
+
+def _commit_follows(
+    data: bytes, pos: int, generation: int, flags: int, cipher: Cipher | None
+) -> bool:
+    """Whether a valid COMMIT record is reachable from ``pos`` along the record lengths."""
+    while pos + _REC.size <= len(data):
+        body_len, crc, seq, rtype = _REC.unpack_from(data, pos)
+        stop = pos + _REC.size + body_len
+        if body_len > MAX_RECORD or stop > len(data):
+            return False
+        body = data[pos + _REC.size : stop]
+        if rtype == COMMIT and zlib.crc32(body, zlib.crc32(struct.pack("<QB", seq, rtype))) == crc:
+            return True
+        pos = stop
+    return False
+
+
+def read_log(path: Path, cipher: Cipher | None) -> LogScan:
+    """Verify and parse a log up to its first damaged record.
 
     A torn tail (the last record incomplete or failing its checksum) ends the log at
-    ``valid_end``; a bad record followed by more data is corruption and raises.
+    ``valid_end``. A bad record followed by more data is corruption (BankFormatError) when a
+    valid COMMIT record follows it (commits are written only after their batch is durable);
+    otherwise it is a batch a crash cut short, reported in ``damaged_at``. A bad header raises
+    :class:`BankFormatError`.
     """
     data = path.read_bytes()
     name = path.name
@@ -293,6 +385,7 @@ def read_log(
         _open_sealed(cipher, flags, b"", b"", name)  # raises the matching message
     pos = end + _DIGEST
     records: list[LogRecord] = []
+    damaged_at: int | None = None
     while pos < len(data):
         if pos + _REC.size > len(data):
             break  # torn record header
@@ -301,16 +394,22 @@ def read_log(
         if body_len > MAX_RECORD or stop > len(data):
             break  # torn (or a length that cannot be ours: nothing after it is trustworthy)
         body = data[pos + _REC.size : stop]
-        if zlib.crc32(body, zlib.crc32(struct.pack("<QB", seq, rtype))) != crc:
-            if stop == len(data):
-                break  # torn last record
-            raise BankFormatError(f"{name}: record {len(records)} at byte {pos} is corrupt")
-        if seq != len(records) or rtype not in (ADD, TOUCH, PRUNE, META, REMOVE):
-            raise BankFormatError(f"{name}: record {len(records)} at byte {pos} is out of sequence")
+        good = zlib.crc32(body, zlib.crc32(struct.pack("<QB", seq, rtype))) == crc
+        if good and (seq != len(records) or rtype not in RECORD_TYPES):
+            good = False
+        if not good:
+            if stop != len(data) and _commit_follows(data, stop, generation, flags, cipher):
+                raise BankFormatError(
+                    f"{name}: record {len(records)} at byte {pos} is corrupt, and committed"
+                    " records follow it"
+                )
+            if stop != len(data):
+                damaged_at = pos
+            break  # a torn last record, or an uncommitted batch cut short
         if cipher is not None:
             body = _open_sealed(
                 cipher, flags, body, _record_aad(generation, seq, rtype), f"{name} record {seq}"
             )
-        records.append(LogRecord(seq, rtype, body))
         pos = stop
-    return generation, header, records, pos
+        records.append(LogRecord(seq, rtype, body, pos))
+    return LogScan(generation, header, records, pos, end + _DIGEST, damaged_at)

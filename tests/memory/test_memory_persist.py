@@ -33,6 +33,7 @@ def filled(directory: Path, config: MemoryConfig | None = None, cipher: Any = No
     for _ in range(8):
         bank.add(*kv(rng, 10))
         bank.search(rng.standard_normal((2, DK)).astype(np.float32), 3)
+        bank.sync()  # one committed batch per turn, as the server does
     return bank
 
 
