@@ -166,7 +166,9 @@ class GenerationConfig:
     """Default sampling parameters of a response (a ``response.create`` may override them)."""
 
     max_tokens: int = 256
-    """Most tokens (bytes) generated in one response."""
+    """Default most tokens generated in one response."""
+    max_tokens_limit: int = 8192
+    """Ceiling on ``max_tokens`` a client may ask for; larger requests get ``invalid_value``."""
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy."""
     top_p: float = 1.0
@@ -174,6 +176,10 @@ class GenerationConfig:
 
     def validate(self) -> None:
         ConfigError.check_positive("generation.max_tokens", self.max_tokens)
+        if self.max_tokens > self.max_tokens_limit:
+            raise ConfigError(
+                "generation.max_tokens", self.max_tokens, "must be <= generation.max_tokens_limit"
+            )
         ConfigError.check_non_negative("generation.temperature", self.temperature)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("generation.top_p", self.top_p, "must be in (0, 1]")

@@ -16,7 +16,16 @@ import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_create", "atomic_write", "ensure_private_dir", "fsync_dir", "locked"]
+from agent_runtime.errors import DataDirLockedError
+
+__all__ = [
+    "DirectoryLock",
+    "atomic_create",
+    "atomic_write",
+    "ensure_private_dir",
+    "fsync_dir",
+    "locked",
+]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -104,3 +113,37 @@ def locked(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking ``flock`` on ``<directory>/.lock`` held until :meth:`release`.
+
+    One server process per data directory: a second one gets :class:`DataDirLockedError`
+    naming the holder's pid. The kernel drops the lock when the holder dies, even on
+    ``kill -9``, so a crash never leaves a stale lock behind.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        ensure_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirLockedError(
+                f"data directory {self.path.parent} is in use by another agent-runtime process"
+                f" (pid {holder}); stop it or choose another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

@@ -4,7 +4,8 @@
 
     <data_dir>/sessions/<tenant_hash>/<session_id>/
         bank/            the memory bank: snapshot-*.bank, log-*.wal (memory/durable.py)
-        state.pt         the generation state (sessions/state.py)
+        state.pt         the generation state and metadata header (sessions/state.py)
+        seq              the reserved event seq (sessions/state.py)
         privacy.json     the privacy ledger (privacy/session.py)
     <data_dir>/keys/     wrapped data keys (privacy/crypto.py)
     <data_dir>/audit.log, tenants.json ...
@@ -21,10 +22,18 @@ from pathlib import Path
 
 from agent_runtime.errors import PrivacyError
 
-__all__ = ["BANK_DIR", "STATE_FILE", "check_session_id", "session_directory", "tenant_hash"]
+__all__ = [
+    "BANK_DIR",
+    "SEQ_FILE",
+    "STATE_FILE",
+    "check_session_id",
+    "session_directory",
+    "tenant_hash",
+]
 
 BANK_DIR = "bank"
 STATE_FILE = "state.pt"
+SEQ_FILE = "seq"
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 

@@ -443,9 +443,9 @@ def response_done(
     retrieved: int,
     written: int,
     entries: int,
-    failed: bool = False,
+    error: str | None = None,
 ) -> Event:
-    """``response.done``; a failure is reported without its internal details."""
+    """``response.done``; a failure says what the client can do, never internal details."""
     body: Event = {
         "id": response_id,
         "status": status,
@@ -457,9 +457,24 @@ def response_done(
         },
         "memory": {"retrieved": retrieved, "written": written, "entries": entries},
     }
-    if failed:
-        body["status_details"]["error"] = "internal error"
+    if error:
+        body["status_details"]["error"] = error
     return {"type": "response.done", "response": body}
+
+
+def response_done_failed(response_id: str) -> Event:
+    """``response.done`` for a response that failed before it had a result."""
+    return response_done(
+        response_id,
+        status="failed",
+        reason="error",
+        input_tokens=0,
+        output_tokens=0,
+        retrieved=0,
+        written=0,
+        entries=0,
+        error="internal error",
+    )
 
 
 def memory_committed(written: int, entries: int) -> Event:

@@ -27,6 +27,7 @@ from websockets.typing import Subprotocol
 from agent_runtime import protocol as p
 from agent_runtime.config import RuntimeConfig, redacted
 from agent_runtime.engine import Engine
+from agent_runtime.files import DirectoryLock
 from agent_runtime.metrics import EngineMetrics, Registry
 from agent_runtime.models.base import ChatModel
 from agent_runtime.sessions import SessionManager, SessionStore
@@ -40,6 +41,8 @@ from server.websocket import WebsocketEndpoint, select_subprotocol
 __all__ = ["Server"]
 
 log = logging.getLogger(__name__)
+
+STORAGE_PROBE_S = 1.0
 
 
 class Server:
@@ -80,6 +83,8 @@ class Server:
         self._background: set[asyncio.Task[Any]] = set()
         self._ws: WsServer | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._storage_watch: asyncio.Task[None] | None = None
+        self.lock = DirectoryLock(data_dir)
         self.ready = False
         self.started_at = time.time()
         self._closing = False
@@ -132,7 +137,17 @@ class Server:
         await self.aclose()
 
     async def start(self) -> None:
+        """Start everything, or nothing: a failure stops what already started (no child
+        process is left behind) and re-raises."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _start(self) -> None:
         log.info("effective config: %s", redacted(self.config))
+        self.lock.acquire()  # one process per data directory
         await self.store.open()
         secret = (self.keystore or KeyStore(Path(self.config.store.data_dir))).derive_secret(
             "tickets"
@@ -156,6 +171,7 @@ class Server:
         self.auth.port = self.port
         await self._warm_up()
         self._reaper = asyncio.create_task(self._reap_idle(), name="idle-session-reaper")
+        self._storage_watch = asyncio.create_task(self._watch_storage(), name="storage-watch")
         log.info("serving on ws://%s:%d%s", cfg.host, self.port, WS_PATH)
 
     async def _warm_up(self) -> None:
@@ -182,6 +198,15 @@ class Server:
             except Exception:  # keep reaping; the failure is logged with its session
                 log.exception("unloading idle sessions failed")
 
+    async def _watch_storage(self) -> None:
+        """While the data directory refuses writes, probe it every second until it takes
+        them again (then /readyz is ready again and new sessions are admitted)."""
+        health = self.sessions.storage
+        while True:
+            await asyncio.sleep(STORAGE_PROBE_S)
+            if not health.healthy:
+                await asyncio.to_thread(health.probe)
+
     async def serve_forever(self) -> None:
         assert self._ws is not None
         await self._ws.serve_forever()
@@ -192,14 +217,16 @@ class Server:
             return
         self._closing = True
         self.ready = False
-        if self._reaper is not None:
-            self._reaper.cancel()
-            await asyncio.gather(self._reaper, return_exceptions=True)
+        for task in (self._reaper, self._storage_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._ws is not None:
             self._ws.close(close_connections=False)  # stop accepting new connections
         for session in list(self.sessions.sessions.values()):
-            with contextlib.suppress(Exception):
-                await session.emit(p.server_going_away("shutdown"))
+            if session.sender is not None:  # tell attached clients; a detached one misses nothing
+                with contextlib.suppress(Exception):
+                    await session.emit(p.server_going_away("shutdown"))
         tasks = [
             s.response_task
             for s in self.sessions.sessions.values()
@@ -221,6 +248,7 @@ class Server:
         await self.engine.aclose()
         await self.store.aclose()
         await asyncio.to_thread(self.audit.close)  # every posted record is on disk
+        self.lock.release()
 
     async def _is_ready(self) -> bool:
-        return self.ready and await self.store.ping()
+        return self.ready and self.sessions.storage.healthy and await self.store.ping()

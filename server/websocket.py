@@ -18,7 +18,13 @@ from websockets.typing import Subprotocol
 from agent_runtime import protocol as p
 from agent_runtime.config import RuntimeConfig
 from agent_runtime.engine import SamplingParams
-from agent_runtime.errors import ConflictError, ProtocolError, RequestError, StoreError
+from agent_runtime.errors import (
+    ConflictError,
+    ProtocolError,
+    RequestError,
+    StoreError,
+    UnavailableError,
+)
 from agent_runtime.metrics import Counter
 from agent_runtime.sessions import Session, SessionManager
 
@@ -90,6 +96,7 @@ class Connection:
     async def on_frame(self, frame: str | bytes) -> None:
         limits = self.endpoint.config.server
         event_id: str | None = None
+        raw: object = None
         try:
             if len(frame) > limits.max_frame_bytes:
                 raise ProtocolError(
@@ -110,7 +117,16 @@ class Connection:
             await self.send_error(exc, event_id)
         except StoreError as exc:
             log.error("session store error: %s", exc)
-            await self.send_error(exc, event_id)
+            unavailable = UnavailableError(
+                "the session store (Redis) is not answering; retry later",
+                code="store_unavailable",
+            )
+            await self.send_error(unavailable, event_id)
+        except ConnectionClosed:
+            raise
+        except Exception:  # a bug, never bad input (that is a RequestError above)
+            log.exception("connection: handling a %s event failed", type(raw).__name__)
+            await self.send_error(RuntimeError("internal"), event_id)
 
     async def send_error(self, exc: Exception, event_id: str | None) -> None:
         body = p.error_event(exc, event_id=event_id)
@@ -168,6 +184,12 @@ class Connection:
     async def on_response_create(self, event: p.ResponseCreate) -> None:
         session = self.require_session()
         gen = self.endpoint.config.generation
+        if event.max_tokens is not None and event.max_tokens > gen.max_tokens_limit:
+            raise ProtocolError(
+                f"response.create.response.max_tokens must be at most {gen.max_tokens_limit}"
+                f" on this server, got {event.max_tokens}",
+                code="invalid_value",
+            )
         params = SamplingParams(
             max_tokens=event.max_tokens or gen.max_tokens,
             min_tokens=event.min_tokens,

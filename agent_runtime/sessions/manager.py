@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent_runtime import protocol as p
 from agent_runtime.config import ServerConfig
 from agent_runtime.engine import Engine, OutputCollector, ResponseResult, SamplingParams
 from agent_runtime.errors import (
     BankFormatError,
+    CheckpointError,
     ConflictError,
     OverloadedError,
+    PrivacyError,
     SessionNotFoundError,
+    StorageError,
+    StoreError,
+    UnavailableError,
 )
+from agent_runtime.files import atomic_write
 from agent_runtime.layout import BANK_DIR, session_directory
 from agent_runtime.metrics import EngineMetrics
 from agent_runtime.models.base import SessionState
@@ -42,6 +51,7 @@ from privacy.session import SessionPrivacy
 __all__ = ["SessionManager"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SessionManager:
@@ -73,18 +83,29 @@ class SessionManager:
         self.keystore = keystore
         self.audit = audit
         self.sessions: dict[str, Session] = {}  # key: tenant/session_id
+        self._reserved: Counter[str] = Counter()  # slots taken by creates/loads in progress
+        self._loading: dict[str, asyncio.Future[Session]] = {}  # key -> a load in progress
+        self.storage = StorageHealth(data_dir)
         self.model = engine.model
         self.fingerprint = engine.model.fingerprint
 
-    def _admit(self, tenant: str) -> None:
-        """Refuse a new live session past the server's or the tenant's limit."""
-        if len(self.sessions) >= self.limits.max_sessions:
+    @contextlib.contextmanager
+    def _admitted(self, tenant: str) -> Iterator[None]:
+        """Reserve a live-session slot for ``tenant`` (checked and taken atomically: nothing
+        awaits between the check and the reservation), released if the body fails."""
+        live = len(self.sessions) + sum(self._reserved.values())
+        if live >= self.limits.max_sessions:
             raise OverloadedError("too many live sessions on this server", retry_after_ms=5000)
-        if (
-            sum(s.tenant == tenant for s in self.sessions.values())
-            >= self.limits.max_sessions_per_tenant
-        ):
+        mine = sum(s.tenant == tenant for s in self.sessions.values()) + self._reserved[tenant]
+        if mine >= self.limits.max_sessions_per_tenant:
             raise OverloadedError("too many live sessions for this tenant", retry_after_ms=5000)
+        self._reserved[tenant] += 1
+        try:
+            yield
+        finally:
+            self._reserved[tenant] -= 1
+            if not self._reserved[tenant]:
+                del self._reserved[tenant]
 
     def directory(self, tenant: str, session_id: str) -> Path:
         return session_directory(self.data_dir, tenant, session_id)
@@ -120,12 +141,20 @@ class SessionManager:
                 unit=self.privacy.unit,
                 budget_epsilon=self.privacy.budget_epsilon or None,
             )
-            loaded = None if new else state_file.load(self.model, directory, cipher)
-            state = self.model.new_state() if loaded is None else loaded
+            saved = None if new else state_file.load(self.model, directory, session_id, cipher)
+            state = self.model.new_state() if saved is None else saved.state
+            reserved = 0 if new else state_file.read_reserved_seq(directory)
         except BaseException:
             bank.close()
             raise
-        return _Opened(state, bank, privacy, cipher, directory)
+        if bank.recovered_uncommitted:
+            log.info(
+                "session %s: dropped %d unacknowledged log records on load",
+                session_id,
+                bank.recovered_uncommitted,
+            )
+        header = saved.header if saved is not None else None
+        return _Opened(state, bank, privacy, cipher, directory, header, reserved)
 
     def _register(
         self, opened: _Opened, session_id: str, tenant: str, meta: SessionMeta
@@ -148,12 +177,19 @@ class SessionManager:
         return session
 
     async def create(self, tenant: str, session_id: str, instructions: str = "") -> Session:
-        self._admit(tenant)
-        opened = await self.engine.call(lambda: self._open(tenant, session_id, new=True))
-        now = time.time()
-        meta = SessionMeta(session_id, tenant, created_at=now, last_active=now, owner=self.node_id)
-        await self.store.create(meta)
-        session = self._register(opened, session_id, tenant, meta)
+        self.storage.check()
+        with self._admitted(tenant):
+            opened = await self._call_storage(lambda: self._open(tenant, session_id, new=True))
+            now = time.time()
+            meta = SessionMeta(
+                session_id, tenant, created_at=now, last_active=now, owner=self.node_id
+            )
+            try:
+                await self.store.create(meta)
+            except BaseException:
+                await self.engine.call(opened.bank.close)
+                raise
+            session = self._register(opened, session_id, tenant, meta)
         if instructions:
             session.pending += self.model.encode_turn("system", instructions)
         self._audit(tenant, "create", session_id)
@@ -165,24 +201,90 @@ class SessionManager:
         """The tenant's live session, loading it from disk if needed; otherwise not found.
 
         A session of another tenant and a session that does not exist give the same error.
+        Concurrent resumes of one session share one load.
         """
-        session = self.sessions.get(f"{tenant}/{session_id}")
+        key = f"{tenant}/{session_id}"
+        session = self.sessions.get(key)
         if session is None:
-            meta = await self.store.get(session_id)
-            directory = self.directory(tenant, session_id)
-            if meta is None or meta.tenant != tenant or not (directory / BANK_DIR).exists():
-                self._audit(tenant, "denied", session_id, code="session_not_found")
-                raise SessionNotFoundError("no such session")
-            self._admit(tenant)
-            opened = await self.engine.call(lambda: self._open(tenant, session_id, new=False))
-            session = self._register(opened, session_id, tenant, meta)
-            session.seq = meta.last_seq
-            session.memory_stop_reported = opened.state.memory_stopped is not None
-            log.info(
-                "session %s loaded from disk (%d memory entries)", session_id, len(opened.bank)
-            )
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = asyncio.get_running_loop().create_future()
+                self._loading[key] = loading
+                try:
+                    loading.set_result(await self._load(tenant, session_id))
+                except BaseException as exc:
+                    loading.set_exception(exc)
+                    loading.exception()  # retrieved here; waiters get it too
+                finally:
+                    del self._loading[key]
+            session = await asyncio.shield(loading)
         self._audit(tenant, "resume", session_id)
         return session
+
+    async def _load(self, tenant: str, session_id: str) -> Session:
+        directory = self.directory(tenant, session_id)
+        meta = await self.store.get(session_id)
+        on_disk = (directory / BANK_DIR).exists() and (
+            self.keystore is None or self.keystore.has_session_key(tenant, session_id)
+        )
+        if (meta is not None and meta.tenant != tenant) or not on_disk:
+            self._audit(tenant, "denied", session_id, code="session_not_found")
+            raise SessionNotFoundError("no such session")
+        with self._admitted(tenant):
+            opened = await self._call_storage(lambda: self._open(tenant, session_id, new=False))
+            try:
+                if meta is None:  # Redis lost it: the directory is the source of truth
+                    meta = self._rebuilt_meta(tenant, session_id, opened)
+                    await self.store.create(meta)
+                    log.info("session %s: metadata rebuilt from its directory", session_id)
+            except BaseException:
+                await self.engine.call(opened.bank.close)
+                raise
+            session = self._register(opened, session_id, tenant, meta)
+        header_seq = opened.header.seq if opened.header is not None else 0
+        session.seq = max(meta.last_seq, header_seq, opened.reserved_seq)
+        session.seq_reserved = opened.reserved_seq
+        session.memory_stop_reported = opened.state.memory_stopped is not None
+        log.info("session %s loaded from disk (%d memory entries)", session_id, len(opened.bank))
+        return session
+
+    def _rebuilt_meta(self, tenant: str, session_id: str, opened: _Opened) -> SessionMeta:
+        h = opened.header
+        created = h.created_at if h is not None else state_file.created_at_of(opened.directory)
+        return SessionMeta(
+            session_id,
+            tenant,
+            created_at=created,
+            last_active=time.time(),
+            turns=h.turns if h is not None else 0,
+            tokens=h.tokens if h is not None else 0,
+            bank_entries=len(opened.bank),
+            last_seq=max(h.seq if h is not None else 0, opened.reserved_seq),
+            owner=self.node_id,
+        )
+
+    async def _call_storage(self, fn: Callable[[], T]) -> T:
+        """Run a storage step on the worker; storage failures become UnavailableError."""
+        try:
+            return await self.engine.call(fn)
+        except StorageError as exc:
+            self.storage.failed(exc)
+            raise UnavailableError(
+                "the server cannot write to its storage right now; retry later",
+                code="storage_unavailable",
+            ) from exc
+        except OSError as exc:
+            self.storage.failed(StorageError(str(exc), exc.errno))
+            raise UnavailableError(
+                "the server cannot write to its storage right now; retry later",
+                code="storage_unavailable",
+            ) from exc
+        except (BankFormatError, CheckpointError, PrivacyError) as exc:
+            log.error("session files cannot be loaded: %s", exc)
+            raise UnavailableError(
+                "the session's stored memory cannot be read; it was not changed",
+                code="session_unreadable",
+            ) from exc
 
     # -- conversation ---------------------------------------------------------------------------
 
@@ -232,23 +334,43 @@ class SessionManager:
                     await session.emit(p.output_text_delta(response_id, text))
                 if result is not None:
                     break
-            await self._commit(session, result)
+            result = await self._commit(session, result)
             await session.emit(_response_done(response_id, result, len(session.bank)))
         except asyncio.CancelledError:
             self.engine.abort(response_id)
             raise
+        except Exception:  # a bug: the client still gets its response.done
+            log.exception("session %s: response %s failed", session.session_id, response_id)
+            with contextlib.suppress(Exception):
+                await session.emit(p.response_done_failed(response_id))
         finally:
             session.response_id = None
 
-    async def _commit(self, session: Session, result: ResponseResult) -> None:
-        """Make the turn durable (bank log fsync) and record it in the store before acknowledging."""
+    async def _commit(self, session: Session, result: ResponseResult) -> ResponseResult:
+        """Make the turn durable (committed bank log, state file) before acknowledging it, then
+        index it in the store. Returns the result to acknowledge: ``failed`` (reason
+        ``storage_unavailable``) when the disk refused the turn; nothing of it is then durable.
+        """
+        header = state_file.StateHeader(
+            session.session_id,
+            session.meta.created_at,
+            turns=session.meta.turns + 1,
+            tokens=session.state.position,
+            seq=session.seq,
+        )
 
         def sync() -> int:
             session.bank.sync()
-            state_file.save(self.model, session)
+            state_file.save(self.model, session.directory, session.state, header, session.cipher)
             return len(session.bank)
 
-        entries = await self.engine.call(sync)
+        try:
+            entries = await self.engine.call(sync)
+        except StorageError as exc:
+            self.storage.failed(exc)
+            log.error("session %s: turn not durable: %s", session.session_id, exc)
+            return dataclasses.replace(result, status="failed", reason="storage_unavailable")
+        self.storage.ok()
         if session.state.memory_stopped is not None and not session.memory_stop_reported:
             # The privacy budget is spent: tell the client once, and the auditor.
             session.memory_stop_reported = True
@@ -259,13 +381,28 @@ class SessionManager:
         session.meta.turns += 1
         session.meta.tokens = session.state.position
         session.meta.bank_entries = entries
-        await self.store.update(
-            session.session_id,
-            turns=session.meta.turns,
-            tokens=session.meta.tokens,
-            bank_entries=entries,
-            last_seq=session.seq + 1,  # the response.done that follows
-        )
+        await self._index(session, last_seq=session.seq + 1)  # the response.done that follows
+        return result
+
+    async def _index(self, session: Session, **extra: float | int | str) -> None:
+        """Record the session's metadata in the store; a store outage is logged, not fatal
+        (the directory holds the truth; the next commit or a resume writes it again)."""
+        meta = session.meta
+        try:
+            await self.store.update(
+                session.session_id,
+                tenant=meta.tenant,
+                created_at=meta.created_at,
+                turns=meta.turns,
+                tokens=meta.tokens,
+                bank_entries=meta.bank_entries,
+                owner=meta.owner,
+                **extra,
+            )
+        except StoreError as exc:
+            log.warning(
+                "session %s: metadata not indexed (will retry): %s", session.session_id, exc
+            )
 
     def cancel(self, session: Session) -> bool:
         return session.response_id is not None and self.engine.abort(session.response_id)
@@ -275,16 +412,26 @@ class SessionManager:
     async def snapshot(self, session: Session) -> None:
         """Write a new bank generation and the generation state (atomically) on the worker thread."""
 
+        header = state_file.StateHeader(
+            session.session_id,
+            session.meta.created_at,
+            turns=session.meta.turns,
+            tokens=session.state.position,
+            seq=session.seq,
+        )
+
         def write() -> int:
             session.bank.snapshot()
-            state_file.save(self.model, session)
+            state_file.save(self.model, session.directory, session.state, header, session.cipher)
+            state_file.reserve_seq(session.directory, session.seq)  # exact: nothing in flight
             return len(session.bank)
 
         started = time.perf_counter()
-        entries = await self.engine.call(write)
+        entries = await self._call_storage(write)
         if self.metrics is not None:
             self.metrics.snapshot.observe(time.perf_counter() - started)
-        await self.store.update(session.session_id, bank_entries=entries)
+        session.meta.bank_entries = entries
+        await self._index(session, last_seq=session.seq)
 
     async def _stop_response(self, session: Session) -> None:
         if session.responding:
@@ -374,6 +521,52 @@ class _Opened:
     privacy: SessionPrivacy
     cipher: SessionCipher | None
     directory: Path
+    header: state_file.StateHeader | None = None
+    reserved_seq: int = 0
+
+
+class StorageHealth:
+    """Whether the data directory takes writes: set by failures, cleared by a successful
+    commit or :meth:`probe` (the server probes while unhealthy, so it recovers by itself)."""
+
+    PROBE = ".write-probe"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.healthy = True
+        self.last_error: str | None = None
+
+    def failed(self, exc: StorageError) -> None:
+        if self.healthy:
+            log.error("storage is not taking writes: %s", exc)
+        self.healthy, self.last_error = False, str(exc)
+
+    def ok(self) -> None:
+        if not self.healthy:
+            log.info("storage takes writes again")
+        self.healthy, self.last_error = True, None
+
+    def check(self) -> None:
+        """Refuse new work while the storage is failing."""
+        if not self.healthy:
+            raise UnavailableError(
+                "the server cannot write to its storage right now; retry later",
+                code="storage_unavailable",
+            )
+
+    def probe(self, size: int = 1 << 16) -> bool:
+        """Write, fsync and remove a small file; True (and healthy) when that works."""
+        path = self.data_dir / self.PROBE
+        try:
+            atomic_write(path, bytes(size))
+            path.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self.failed(StorageError(str(exc), exc.errno))
+            return False
+        self.ok()
+        return True
 
 
 def _response_done(response_id: str, result: ResponseResult, entries: int) -> dict[str, Any]:
@@ -386,8 +579,18 @@ def _response_done(response_id: str, result: ResponseResult, entries: int) -> di
         retrieved=result.memory_retrieved,
         written=result.memory_written,
         entries=entries,
-        failed=bool(result.error),
+        error=_failure_message(result),
     )
+
+
+def _failure_message(result: ResponseResult) -> str | None:
+    if result.reason == "storage_unavailable":
+        return (
+            "the server's storage did not take this turn (disk full or failing): it is not"
+            " durable; it becomes durable with the next turn that succeeds, and a restart"
+            " before then loses it"
+        )
+    return "internal error" if result.error else None
 
 
 def _tenant_tag(tenant: str) -> str:

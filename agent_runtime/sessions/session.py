@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from agent_runtime import protocol as p
+from agent_runtime.errors import StorageError
 from agent_runtime.models.base import SessionState
+from agent_runtime.sessions import state as state_file
 from agent_runtime.sessions.store import SessionMeta
 from memory import MemoryBank
 from privacy.crypto import SessionCipher
@@ -32,6 +34,8 @@ __all__ = ["Sender", "Session"]
 log = logging.getLogger(__name__)
 
 Sender = Callable[[dict[str, Any]], Awaitable[None]]
+SEQ_BLOCK = 4096
+"""Event seqs reserved at a time (one small durable write per block)."""
 
 
 class Session:
@@ -59,6 +63,8 @@ class Session:
         self.memory_stop_reported = False
         self.cipher: SessionCipher | None = None
         self.seq = 0
+        self.seq_reserved = 0  # every seq up to this one may be in use (durably recorded)
+        self._reserving: asyncio.Task[None] | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=buffer_events)
         self.sender: Sender | None = None
         self.client: object = None  # the attached connection
@@ -77,9 +83,19 @@ class Session:
         return f"{self.tenant}/{self.session_id}"
 
     async def emit(self, event: dict[str, Any]) -> None:
-        """Stamp ``event`` with ``event_id`` and ``seq``, buffer it, and send it if a client is attached."""
+        """Stamp ``event`` with ``event_id`` and ``seq``, buffer it, and send it if a client is attached.
+
+        Seqs are reserved durably in blocks before they are sent, so a session reloaded after
+        a crash continues above every seq a client may have seen.
+        """
         self.seq += 1
-        event = p.stamp(event, self.seq)
+        seq = self.seq
+        if seq > self.seq_reserved and self._reserving is None:
+            self.seq_reserved = seq + SEQ_BLOCK - 1
+            self._reserving = asyncio.create_task(self._reserve(self.seq_reserved))
+        if self._reserving is not None:
+            await asyncio.shield(self._reserving)
+        event = p.stamp(event, seq)
         self.events.append(event)
         sender = self.sender
         if sender is not None:
@@ -88,6 +104,14 @@ class Session:
             except Exception:  # the connection died mid-send: keep buffering for a resume
                 log.info("session %s: client went away during send", self.session_id)
                 self.detach(sender)
+
+    async def _reserve(self, upto: int) -> None:
+        try:
+            await asyncio.to_thread(state_file.reserve_seq, self.directory, upto)
+        except StorageError as exc:  # keep serving; only a crash during the outage could reuse
+            log.warning("session %s: cannot reserve event seqs: %s", self.session_id, exc)
+        finally:
+            self._reserving = None
 
     def describe(self) -> dict[str, Any]:
         """The ``session`` object of ``session.created`` / ``session.resumed``."""
