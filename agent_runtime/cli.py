@@ -29,6 +29,8 @@ async def _serve(config: RuntimeConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # A write past a file-size limit then fails with EFBIG (a StorageError) instead of killing us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     async with Server(config, model) as server:
         print(
             f"agent-runtime {__version__} ready in {time.perf_counter() - started:.1f}s: "
@@ -44,6 +46,7 @@ BENCHES = {
     "memory": "agent_runtime.bench.memory:main",
     "serve": "agent_runtime.bench.serve:main",
     "privacy": "agent_runtime.bench.privacy:main",
+    "faults": "agent_runtime.bench.faults:main",
 }
 TOOLS = {
     "chat": ("agent_runtime.client.chat:main", "terminal chat client"),

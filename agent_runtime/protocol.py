@@ -29,6 +29,7 @@ import msgpack
 from agent_runtime.errors import OverloadedError, ProtocolError, RequestError
 
 __all__ = [
+    "CLIENT_EVENTS",
     "CODECS",
     "SUBPROTOCOLS",
     "ClientEvent",
@@ -297,6 +298,29 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
         return " or ".join(names.get(k, k.__name__) for k in kind)
     return names.get(kind, kind.__name__)
 
+
+# The client events and their fields (nested objects list their own fields): the schema that
+# parse_client_event enforces, docs/asyncapi.yaml documents and the fault suite fuzzes.
+CLIENT_EVENTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "session.create": {"session": ("instructions",)},
+    "session.resume": {"session_id": (), "last_seq": ()},
+    "conversation.item.create": {"item": ("type", "role", "content")},
+    "response.create": {
+        "response": (
+            "max_tokens",
+            "min_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "seed",
+            "commit_on_cancel",
+        )
+    },
+    "response.cancel": {"response_id": ()},
+    "session.delete": {},
+    "memory.stats": {},
+    "ping": {"data": ()},
+}
 
 MAX_STOP_SEQUENCES = 4
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # as agent_runtime.layout checks it

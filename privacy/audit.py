@@ -212,6 +212,7 @@ class AuditLog:
             writer.join()
 
     def _drain(self) -> None:
+        failing = False
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._queue or self._closed)
@@ -222,14 +223,26 @@ class AuditLog:
                 self._in_flight = len(batch)
             try:
                 self._write(batch)
-            except Exception:  # the disk failed: the records are lost, and the operator told
-                log.exception(
-                    "audit log %s: %d records could not be written", self.path, len(batch)
-                )
-            finally:
+            except (OSError, PrivacyError) as exc:  # the disk refused: keep them and retry
+                if not failing:
+                    log.error("audit log %s: cannot append (will retry): %s", self.path.name, exc)
+                failing = True
                 with self._cv:
+                    self._queue[:0] = batch
                     self._in_flight = 0
-                    self._cv.notify_all()
+                    if self._closed:  # shutting down with the disk still refusing
+                        log.error("audit log: %d records could not be written", len(self._queue))
+                        self._queue.clear()
+                        self._cv.notify_all()
+                        return
+                    self._cv.wait(timeout=1.0)
+                continue
+            if failing:
+                log.info("audit log %s: appending again", self.path.name)
+                failing = False
+            with self._cv:
+                self._in_flight = 0
+                self._cv.notify_all()
 
     def _write(self, batch: list[Pending]) -> list[dict[str, Any]]:
         """Append ``batch`` in order with one fsync; returns the records."""
