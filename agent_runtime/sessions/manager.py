@@ -351,13 +351,7 @@ class SessionManager:
         index it in the store. Returns the result to acknowledge: ``failed`` (reason
         ``storage_unavailable``) when the disk refused the turn; nothing of it is then durable.
         """
-        header = state_file.StateHeader(
-            session.session_id,
-            session.meta.created_at,
-            turns=session.meta.turns + 1,
-            tokens=session.state.position,
-            seq=session.seq,
-        )
+        header = _state_header(session, turns=session.meta.turns + 1)
 
         def sync() -> int:
             session.bank.sync()
@@ -412,13 +406,7 @@ class SessionManager:
     async def snapshot(self, session: Session) -> None:
         """Write a new bank generation and the generation state (atomically) on the worker thread."""
 
-        header = state_file.StateHeader(
-            session.session_id,
-            session.meta.created_at,
-            turns=session.meta.turns,
-            tokens=session.state.position,
-            seq=session.seq,
-        )
+        header = _state_header(session, turns=session.meta.turns)
 
         def write() -> int:
             session.bank.snapshot()
@@ -567,6 +555,16 @@ class StorageHealth:
             return False
         self.ok()
         return True
+
+
+def _state_header(session: Session, *, turns: int) -> state_file.StateHeader:
+    return state_file.StateHeader(
+        session.session_id,
+        session.meta.created_at,
+        turns=turns,
+        tokens=session.state.position,
+        seq=session.seq,
+    )
 
 
 def _response_done(response_id: str, result: ResponseResult, entries: int) -> dict[str, Any]:
