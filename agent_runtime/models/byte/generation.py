@@ -1,4 +1,4 @@
-"""Incremental decoding with memory: per-session generation state, batched steps, sampling.
+"""Incremental decoding with memory: per-session generation state, chunked prefill, batched steps.
 
 A :class:`GenerationState` is everything a session needs besides its bank to continue a
 conversation: the rolling KV cache of the last W-1 tokens, the next absolute position, and the
