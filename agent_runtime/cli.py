@@ -18,10 +18,29 @@ from agent_runtime.errors import AgentRuntimeError
 log = logging.getLogger("agent_runtime")
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail at once, in one line, when the port cannot be listened on."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise AgentRuntimeError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                " (is another server running there? choose another --port)"
+            ) from None
+
+
 async def _serve(config: RuntimeConfig) -> None:
     from agent_runtime.models import load_model
     from server.app import Server
 
+    _check_port(config.server.host, config.server.port)  # before seconds of model loading
     model = load_model(config.engine)
     started = time.perf_counter()
     stop = asyncio.Event()

@@ -207,6 +207,35 @@ SECTIONS = ("server", "store", "engine", "generation", "memory", "privacy")
 UNPREFIXED = ("server", "store")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def token_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated token counts, ``k``/``m`` suffixes allowed (``1k,16k``)."""
+    out = []
+    for part in text.split(","):
+        raw = part.strip().lower()
+        scale = 1_000_000 if raw.endswith("m") else 1000 if raw.endswith("k") else 1
+        try:
+            value = int(raw.rstrip("km")) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not a token count (use e.g. 1k,4k,16k)"
+            ) from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {value}")
+        out.append(value)
+    return out
+
+
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost."""
     import ipaddress

@@ -16,40 +16,40 @@ AuthenticationError, ConfigError), plus :class:`DecryptionError` (a PrivacyError
 
 from __future__ import annotations
 
-from privacy.audit import AuditLog
-from privacy.audit import verify as verify_audit_log
-from privacy.crypto import DecryptionError, KeyStore, SessionCipher
-from privacy.erasure import ErasureReport, erase_session, session_directory
-from privacy.ledger import PrivacyLedger, sigma_for_epsilon
-from privacy.noise import KeyNoiser, clip_and_noise
-from privacy.session import SessionPrivacy, load_ledger, save_ledger
-from privacy.tenants import (
-    MemoryUsedTickets,
-    RedisUsedTickets,
-    TenantRegistry,
-    TicketIssuer,
-    UsedTickets,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "AuditLog",
-    "DecryptionError",
-    "ErasureReport",
-    "KeyNoiser",
-    "KeyStore",
-    "MemoryUsedTickets",
-    "PrivacyLedger",
-    "RedisUsedTickets",
-    "SessionCipher",
-    "SessionPrivacy",
-    "TenantRegistry",
-    "TicketIssuer",
-    "UsedTickets",
-    "clip_and_noise",
-    "erase_session",
-    "load_ledger",
-    "save_ledger",
-    "session_directory",
-    "sigma_for_epsilon",
-    "verify_audit_log",
-]
+# Names are imported on first use (PEP 562): the ledger pulls in Opacus and torch (seconds), which
+# ``agent-runtime tenants`` and the audit log never need.
+_EXPORTS = {
+    "AuditLog": ("privacy.audit", "AuditLog"),
+    "verify_audit_log": ("privacy.audit", "verify"),
+    "DecryptionError": ("privacy.crypto", "DecryptionError"),
+    "KeyStore": ("privacy.crypto", "KeyStore"),
+    "SessionCipher": ("privacy.crypto", "SessionCipher"),
+    "ErasureReport": ("privacy.erasure", "ErasureReport"),
+    "erase_session": ("privacy.erasure", "erase_session"),
+    "session_directory": ("privacy.erasure", "session_directory"),
+    "PrivacyLedger": ("privacy.ledger", "PrivacyLedger"),
+    "sigma_for_epsilon": ("privacy.ledger", "sigma_for_epsilon"),
+    "KeyNoiser": ("privacy.noise", "KeyNoiser"),
+    "clip_and_noise": ("privacy.noise", "clip_and_noise"),
+    "SessionPrivacy": ("privacy.session", "SessionPrivacy"),
+    "load_ledger": ("privacy.session", "load_ledger"),
+    "save_ledger": ("privacy.session", "save_ledger"),
+    "MemoryUsedTickets": ("privacy.tenants", "MemoryUsedTickets"),
+    "RedisUsedTickets": ("privacy.tenants", "RedisUsedTickets"),
+    "TenantRegistry": ("privacy.tenants", "TenantRegistry"),
+    "TicketIssuer": ("privacy.tenants", "TicketIssuer"),
+    "UsedTickets": ("privacy.tenants", "UsedTickets"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'privacy' has no attribute {name!r}") from None
+    return getattr(importlib.import_module(module), attr)

@@ -17,7 +17,6 @@ from typing import Any, TextIO
 
 from agent_runtime.errors import AgentRuntimeError
 from privacy.audit import AuditLog, head, verify
-from privacy.session import LEDGER_FILE, load_ledger
 from privacy.tenants import TenantRegistry
 
 __all__ = ["audit_main", "tenants_main"]
@@ -83,6 +82,8 @@ def _session_reports(data_dir: Path) -> list[dict[str, Any]]:
     root = data_dir / "sessions"
     if not root.is_dir():
         return reports
+    from privacy.session import LEDGER_FILE, load_ledger  # Opacus: only for the report
+
     for path in sorted(root.glob(f"*/*/{LEDGER_FILE}")):
         digest, session_id = path.parent.parent.name, path.parent.name
         entry: dict[str, Any] = {
@@ -107,6 +108,9 @@ def audit_main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) 
     parser.add_argument("--verify", action="store_true", help="verify the audit log hash chain")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    if not args.data_dir.is_dir():
+        print(f"agent-runtime audit: error: no data directory at {args.data_dir}", file=sys.stderr)
+        return 2
     status = 0
     try:
         reports = _session_reports(args.data_dir)

@@ -25,8 +25,9 @@ from websockets.asyncio.server import serve
 from websockets.typing import Subprotocol
 
 from agent_runtime import protocol as p
-from agent_runtime.config import RuntimeConfig, redacted
+from agent_runtime.config import RuntimeConfig, ServerConfig, redacted
 from agent_runtime.engine import Engine
+from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.files import DirectoryLock
 from agent_runtime.metrics import EngineMetrics, Registry
 from agent_runtime.models.base import ChatModel
@@ -156,7 +157,20 @@ class Server:
         self.auth.tickets = TicketIssuer(secret, used, registry=self.tenants)
         self.engine.start()
         cfg = self.config.server
-        self._ws = await serve(
+        try:
+            self._ws = await self._listen(cfg)
+        except OSError as exc:
+            raise AgentRuntimeError(
+                f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+            ) from None
+        self.auth.port = self.port
+        await self._warm_up()
+        self._reaper = asyncio.create_task(self._reap_idle(), name="idle-session-reaper")
+        self._storage_watch = asyncio.create_task(self._watch_storage(), name="storage-watch")
+        log.info("serving on ws://%s:%d%s", cfg.host, self.port, WS_PATH)
+
+    async def _listen(self, cfg: ServerConfig) -> WsServer:
+        return await serve(
             self.websocket,
             cfg.host,
             cfg.port,
@@ -168,11 +182,6 @@ class Server:
             max_size=4 * cfg.max_frame_bytes,
             compression=None,  # token deltas are tiny; deflate would cost more than it saves
         )
-        self.auth.port = self.port
-        await self._warm_up()
-        self._reaper = asyncio.create_task(self._reap_idle(), name="idle-session-reaper")
-        self._storage_watch = asyncio.create_task(self._watch_storage(), name="storage-watch")
-        log.info("serving on ws://%s:%d%s", cfg.host, self.port, WS_PATH)
 
     async def _warm_up(self) -> None:
         """Produce one token with a throwaway state, so /readyz means the model really answers."""

@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -29,6 +32,7 @@ __all__ = ["STATIC", "WS_PATH", "HttpRoutes", "response"]
 WS_PATH = "/v1/realtime"
 STATIC = Path(__file__).parent / "static"
 TICKET_TTL_S = 30.0
+TEXT = "text/plain; charset=utf-8"
 
 
 class HttpRoutes:
@@ -48,6 +52,9 @@ class HttpRoutes:
         self.ready = ready
         self.closing = closing
         self.tenant_of: dict[ServerConnection, str] = {}  # vetted upgrades, read by the handler
+        index = STATIC / "index.html"
+        html = index.read_text(encoding="utf-8") if index.exists() else None
+        self.page = (html, page_csp(html)) if html is not None else None
 
     async def __call__(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
@@ -58,61 +65,89 @@ class HttpRoutes:
         if path == "/v1/auth":  # lets the web page know whether to ask for an API key
             return response(200, json.dumps({"required": self.auth.required()}), "application/json")
         if path == "/livez":
-            return conn.respond(HTTPStatus.OK, "ok\n")
+            return response(HTTPStatus.OK, "ok\n", TEXT)
         if path == "/readyz":
             if await self.ready():
-                return conn.respond(HTTPStatus.OK, "ready\n")
-            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+                return response(HTTPStatus.OK, "ready\n", TEXT)
+            return response(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n", TEXT)
         if path == "/metrics":
             return response(200, self.registry.render(), "text/plain; version=0.0.4; charset=utf-8")
-        if path in ("/", "/index.html"):
-            page = STATIC / "index.html"
-            if page.exists():
-                return response(200, page.read_text(encoding="utf-8"), "text/html; charset=utf-8")
-        return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if path in ("/", "/index.html") and self.page is not None:
+            html, csp = self.page
+            return response(
+                200, html, "text/html; charset=utf-8", [("Content-Security-Policy", csp)]
+            )
+        return response(404, "not found\n", "text/plain; charset=utf-8")
 
     async def _upgrade(
         self, conn: ServerConnection, request: Request, path: str
     ) -> Response | None:
         if path != WS_PATH:
-            return conn.respond(HTTPStatus.NOT_FOUND, f"websocket endpoint is {WS_PATH}\n")
+            return response(HTTPStatus.NOT_FOUND, f"websocket endpoint is {WS_PATH}\n", TEXT)
         if self.closing():
-            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+            return response(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n", TEXT)
         if not self.auth.origin_allowed(request):
             self.audit.post("-", "denied", None, code="origin_not_allowed")
-            return conn.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
+            return response(HTTPStatus.FORBIDDEN, "origin not allowed\n", TEXT)
         try:
             self.tenant_of[conn] = await self.auth.tenant_of(request)
         except AuthenticationError as exc:
             self.audit.post("-", "denied", None, code=exc.code)
-            return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+            return response(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n", TEXT)
         return None
 
     async def _ticket(self, conn: ServerConnection, request: Request) -> Response:
         """``GET /v1/tickets`` with ``Authorization: Bearer <api key>``: a single-use ticket for a
         browser's websocket URL, so that no long-lived key ever appears in a URL."""
         if not request.headers.get("Authorization"):
-            return conn.respond(
-                HTTPStatus.UNAUTHORIZED, "Authorization: Bearer <api key> required\n"
+            return response(
+                HTTPStatus.UNAUTHORIZED, "Authorization: Bearer <api key> required\n", TEXT
             )
         try:
             tenant = await self.auth.tenant_of(request)
         except AuthenticationError as exc:
             self.audit.post("-", "denied", None, code=exc.code)
-            return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+            return response(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n", TEXT)
         assert self.auth.tickets is not None
         ticket = self.auth.tickets.issue_ticket(tenant, TICKET_TTL_S)
         body = json.dumps({"ticket": ticket, "expires_in_s": TICKET_TTL_S})
         return response(200, body, "application/json")
 
 
-def response(status: int, body: str, content_type: str) -> Response:
+SECURITY_HEADERS = [
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+]
+
+
+def response(
+    status: int, body: str, content_type: str, extra: list[tuple[str, str]] | None = None
+) -> Response:
     data = body.encode("utf-8")
     headers = Headers(
         [
             ("Content-Type", content_type),
             ("Content-Length", str(len(data))),
             ("Cache-Control", "no-store"),
+            *SECURITY_HEADERS,
+            *(extra or []),
         ]
     )
     return Response(status, HTTPStatus(status).phrase, headers, data)
+
+
+def page_csp(html: str) -> str:
+    """A Content-Security-Policy for the page: its own inline script and style (by hash), and
+    connections to its own origin only; no frames, forms, plugins or other sources."""
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        digests = [base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() for b in found]
+        return " ".join(f"'sha256-{d}'" for d in digests) or "'none'"
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')};"
+        " connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none';"
+        " frame-ancestors 'none'"
+    )

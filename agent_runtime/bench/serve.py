@@ -54,6 +54,7 @@ __all__ = ["main"]
 SUBPROTOCOL = Subprotocol("agent-runtime.v1.json")
 PROMPT = "Tell me everything you know about the sea, the ships and the lighthouses."
 START_TIMEOUT_S = 120.0
+LONG_REPLY_TOKENS = 1_000_000  # a reply that outlasts every measurement (it is cancelled)
 
 
 @dataclass
@@ -269,7 +270,7 @@ async def _beside_long_reply(
     reader: asyncio.Task[Turn] | None = None
     try:
         base = await _tokens_generated(url)
-        long_turn = await long.start_turn(1_000_000)
+        long_turn = await long.start_turn(LONG_REPLY_TOKENS)
         if not slow:
             reader = asyncio.create_task(long.finish_turn(long_turn), name="bench-long-reader")
         if base is not None:
@@ -314,8 +315,10 @@ async def _tokens_generated(url: str) -> float | None:
 def serve(data_dir: Path, *, batching: bool, extra: Sequence[str]) -> Iterator[str]:
     """``agent-runtime serve`` in a child process on a free loopback port; yields its websocket URL."""
     flag = "true" if batching else "false"
+    # The slow-reader scenario asks for a reply longer than the default max_tokens ceiling.
+    limit = ["--generation-max-tokens-limit", str(LONG_REPLY_TOKENS)]
     with serve_process(
-        data_dir, "--engine-batching", flag, *extra, timeout=START_TIMEOUT_S
+        data_dir, "--engine-batching", flag, *limit, *extra, timeout=START_TIMEOUT_S
     ) as server:
         yield server.url
 

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from agent_runtime.client.agent import (
-    DEFAULT_URL,
     AgentClient,
     ClientError,
     CodecName,
@@ -38,12 +37,24 @@ HELP = "commands: /stats (memory statistics), /quit (leave); Ctrl-C stops a repl
 RECONNECT_ATTEMPTS = 5
 
 
+def default_url() -> str:
+    """The server ``agent-runtime serve`` would start here: the same env vars pick it."""
+    host = os.environ.get("AGENT_RUNTIME_HOST", "127.0.0.1")
+    port = os.environ.get("AGENT_RUNTIME_PORT", "8765")
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"  # a wildcard bind is reached on loopback from this machine
+    return f"ws://[{host}]:{port}/v1/realtime" if ":" in host else f"ws://{host}:{port}/v1/realtime"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent-runtime chat", description="Chat with an agent-runtime server in the terminal."
     )
+    default = default_url()
     parser.add_argument(
-        "--url", default=DEFAULT_URL, help=f"websocket endpoint (default {DEFAULT_URL})"
+        "--url",
+        default=default,
+        help=f"websocket endpoint (default {default}: AGENT_RUNTIME_HOST / AGENT_RUNTIME_PORT)",
     )
     parser.add_argument(
         "--session", metavar="ID", help="resume this session instead of creating one"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_runtime.config import EngineConfig
+from agent_runtime.errors import ConfigError
 from agent_runtime.models.base import ChatModel
 
 __all__ = ["load_model"]
@@ -22,6 +23,13 @@ def load_model(config: EngineConfig) -> ChatModel[Any]:
     from agent_runtime.models.byte.family import ByteChatModel
     from agent_runtime.models.byte.model import MemorizingTransformer, ModelConfig
 
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "engine.device",
+            config.device,
+            "CUDA is not available on this machine (torch.cuda.is_available() is false);"
+            " use --engine-device cpu",
+        )
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     path = Path(config.checkpoint) if config.checkpoint else BUNDLED_CHECKPOINT

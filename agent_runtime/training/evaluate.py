@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agent_runtime.config import positive_int, token_counts
 from agent_runtime.models.byte import BUNDLED_CHECKPOINT
 from agent_runtime.models.byte.generation import GenerationState, decode_step, prefill
 from agent_runtime.models.byte.model import MemorizingTransformer, Retrieval, load_checkpoint
@@ -205,12 +206,6 @@ def load_eval_model(checkpoint: str) -> MemorizingTransformer:
     return model
 
 
-def _ints(text: str) -> list[int]:
-    return [
-        int(x.strip().lower().replace("k", "000").replace("m", "000000")) for x in text.split(",")
-    ]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent-runtime eval", description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=["recall", "ppl", "speed", "capture"])
@@ -219,15 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--distances",
+        type=token_counts,
         default="1k,4k,16k,64k",
         help="recall: filler tokens between fact and question",
     )
-    parser.add_argument("--n", type=int, default=20, help="recall: probes per distance")
+    parser.add_argument("--n", type=positive_int, default=20, help="recall: probes per distance")
     parser.add_argument(
         "--files", type=Path, nargs="*", default=[], help="ppl: text files (default: synthetic)"
     )
     parser.add_argument(
-        "--memory-sizes", default="0,512,2k,8k", help="ppl: memory capacities to compare"
+        "--memory-sizes",
+        type=token_counts,
+        default="0,512,2k,8k",
+        help="ppl: memory capacities to compare",
     )
     parser.add_argument(
         "--docs", type=int, default=4, help="ppl: synthetic documents when no --files"
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = load_eval_model(args.checkpoint)
     if args.task == "recall":
-        rows = eval_recall(model, _ints(args.distances), args.n)
+        rows = eval_recall(model, args.distances, args.n)
     elif args.task == "speed":
         rows = eval_speed(model, args.bank_entries, args.tokens)
     elif args.task == "capture":
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             docs = [d.tokens for d in synthetic]
             masks = [[w > 1.0 for w in d.weights] for d in synthetic]
-        rows = eval_ppl(model, docs, _ints(args.memory_sizes), masks)
+        rows = eval_ppl(model, docs, args.memory_sizes, masks)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

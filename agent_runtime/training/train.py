@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from agent_runtime.config import positive_int
 from agent_runtime.files import atomic_write
 from agent_runtime.models.byte.model import MemorizingTransformer, ModelConfig, save_checkpoint
 from agent_runtime.models.byte.segments import TensorMemory, iter_segments
@@ -37,17 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--run-dir", type=Path, required=True, help="directory for checkpoints and logs (resumes)"
     )
     parser.add_argument(
-        "--steps", type=int, default=3000, help="total optimizer-step batches (documents batches)"
+        "--steps",
+        type=positive_int,
+        default=3000,
+        help="total optimizer-step batches (documents batches)",
     )
-    parser.add_argument("--batch", type=int, default=16, help="documents per batch")
+    parser.add_argument("--batch", type=positive_int, default=16, help="documents per batch")
     parser.add_argument(
-        "--doc-len", type=int, default=768, help="tokens per document (a multiple of the window)"
+        "--doc-len",
+        type=positive_int,
+        default=768,
+        help="tokens per document (a multiple of the window)",
     )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50)
+    parser.add_argument("--eval-every", type=positive_int, default=200)
     parser.add_argument(
         "--max-minutes",
         type=float,

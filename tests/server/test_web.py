@@ -148,3 +148,33 @@ async def test_stop_cancels_a_long_reply(browser: Browser, tmp_path: Path) -> No
         await send(page, "Short one.")
         await reply_finished(page, 2)
         assert not (await assistant.nth(1).text_content() or "").endswith("[stopped]")
+
+
+async def test_page_sends_security_headers_and_loads_without_errors(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """CSP (its own script and style by hash, connections to its own origin), no framing, no
+    sniffing, no referrer; the page still works under that policy and requests nothing missing."""
+    async with running_server(make_config(tmp_path)) as server:
+        page = await browser.new_page()
+        page.set_default_timeout(WAIT_MS)
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+        page.on(
+            "response",
+            lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None,
+        )
+        resp = await page.goto(f"http://127.0.0.1:{server.port}/")
+        assert resp is not None
+        headers = await resp.all_headers()
+        csp = headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+        assert "connect-src 'self'" in csp and "script-src 'sha256-" in csp
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["referrer-policy"] == "no-referrer"
+        # The policy lets the page's own script run and open its websocket.
+        await expect(page.locator("#status")).to_have_text(re.compile(r"^session sess_\w+$"))
+        await expect(page.locator("#about")).to_contain_text("not a general chatbot")
+        assert problems == []

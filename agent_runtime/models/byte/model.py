@@ -457,6 +457,12 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {path} is not a readable torch checkpoint: {exc}"
         ) from exc
+    if isinstance(blob, dict) and "optimizer" in blob and "format" not in blob:
+        raise CheckpointError(
+            f"{path} is a training checkpoint (step {blob.get('step')}), not a serving one:"
+            f" export it with `agent-runtime train --run-dir {Path(path).parent} --steps"
+            f" {blob.get('step')} --export model.pt` and serve model.pt"
+        )
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         fmt = blob.get("format") if isinstance(blob, dict) else None
         raise CheckpointError(
