@@ -327,6 +327,12 @@ class MemoryBank:
         if self._journal is not None:
             self._journal.sync(self.meta)
 
+    def durable_position(self) -> tuple[int, int] | None:
+        """(generation, log records) that the last :meth:`sync` or :meth:`snapshot` made durable;
+        a caller that records it beside its own files can later tell whether a reopened bank
+        holds at least that much (None without a directory)."""
+        return self._journal.position if self._journal is not None else None
+
     def snapshot(self) -> None:
         """Write a new generation atomically, then start an empty log and drop the old one."""
         self._check_open()

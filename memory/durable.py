@@ -236,6 +236,11 @@ class Journal:
         """Bytes of the log since the last snapshot (header included)."""
         return self._writer.size()
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """(generation, records durably written to its log): where the last sync left it."""
+        return self._generation, self._writer.durable_seq
+
     def add(self, now: float, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
         """Log entries added at ``now`` (float32 keys and values, int64 positions)."""
         parts = [positions.tobytes(), keys.tobytes(), values.tobytes()]

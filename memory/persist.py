@@ -238,6 +238,7 @@ class LogWriter:
         self.path = path
         self.generation = generation
         self.seq = next_seq
+        self.durable_seq = next_seq  # records on disk and committed (the next record's seq)
         self.cipher = cipher
         self._fd: int | None = fd
         self._durable = end  # bytes of complete, fsynced records (header included)
@@ -309,6 +310,7 @@ class LogWriter:
         if commit:
             self.seq += 1
         self._durable = end
+        self.durable_seq = self.seq
         self._pending.clear()
 
     def _write_at(self, offset: int, data: bytes | bytearray) -> int:

@@ -142,6 +142,8 @@ class SessionManager:
                 budget_epsilon=self.privacy.budget_epsilon or None,
             )
             saved = None if new else state_file.load(self.model, directory, session_id, cipher)
+            if saved is not None:
+                state_file.check_bank(saved.header, bank.durable_position())
             state = self.model.new_state() if saved is None else saved.state
             reserved = 0 if new else state_file.read_reserved_seq(directory)
         except BaseException:
@@ -355,6 +357,7 @@ class SessionManager:
 
         def sync() -> int:
             session.bank.sync()
+            header.bank_position = session.bank.durable_position()
             state_file.save(self.model, session.directory, session.state, header, session.cipher)
             return len(session.bank)
 
@@ -410,6 +413,7 @@ class SessionManager:
 
         def write() -> int:
             session.bank.snapshot()
+            header.bank_position = session.bank.durable_position()
             state_file.save(self.model, session.directory, session.state, header, session.cipher)
             state_file.reserve_seq(session.directory, session.seq)  # exact: nothing in flight
             return len(session.bank)

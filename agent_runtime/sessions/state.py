@@ -30,6 +30,7 @@ from privacy.crypto import SessionCipher
 __all__ = [
     "SavedState",
     "StateHeader",
+    "check_bank",
     "created_at_of",
     "load",
     "read_reserved_seq",
@@ -51,6 +52,8 @@ class StateHeader:
     turns: int = 0
     tokens: int = 0
     seq: int = 0
+    bank_position: tuple[int, int] | None = None
+    """The bank's (generation, committed log records) when this state was saved."""
 
     @classmethod
     def parse(cls, raw: object, session_id: str, fallback_created: float) -> StateHeader:
@@ -62,6 +65,7 @@ class StateHeader:
                 turns=int(doc.get("turns", 0)),
                 tokens=int(doc.get("tokens", 0)),
                 seq=int(doc.get("seq", 0)),
+                bank_position=_position(doc.get("bank")),
             )
         except (TypeError, ValueError) as exc:
             raise BankFormatError(f"{STATE_FILE}: malformed header: {exc}") from exc
@@ -87,6 +91,7 @@ def save(
             "turns": header.turns,
             "tokens": header.tokens,
             "seq": header.seq,
+            "bank": list(header.bank_position) if header.bank_position is not None else None,
         }
     ).encode()
     blob = _MAGIC + _LEN.pack(len(head)) + head + model.save_state(state)
@@ -125,6 +130,27 @@ def load(
         raise BankFormatError(f"{STATE_FILE}: malformed header") from exc
     header = StateHeader.parse(raw, session_id, fallback)
     return SavedState(header, model.load_state(blob[at + n :]))
+
+
+def _position(raw: object) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, int) for x in raw)):
+        raise ValueError(f"bank position {raw!r} is not [generation, records]")
+    return raw[0], raw[1]
+
+
+def check_bank(header: StateHeader, position: tuple[int, int] | None) -> None:
+    """Refuse a bank that holds less than what the state file says was acknowledged (a log
+    cut back past a commit: damaged storage, or a restore from an older copy)."""
+    if header.bank_position is None or position is None:
+        return
+    (gen, records), (now_gen, now_records) = header.bank_position, position
+    if now_gen < gen or (now_gen == gen and now_records < records):
+        raise BankFormatError(
+            f"the bank holds less than was acknowledged (generation {now_gen}, {now_records}"
+            f" log records; the state file expects generation {gen}, {records} records)"
+        )
 
 
 def read_reserved_seq(directory: Path) -> int:

@@ -201,3 +201,28 @@ def test_audit_records_posted_from_the_loop_are_batched_and_durable(tmp_path: Pa
     assert verify(tmp_path / "audit.log") == (True, None)
     assert json.loads(lines[-1])["session"] == "sess_2999"
     assert fsyncs < 3000 / 10  # batched: far fewer fsyncs than records
+
+
+async def test_a_bank_cut_back_past_an_acknowledged_turn_is_refused(
+    config: RuntimeConfig,
+) -> None:
+    """The state file remembers how much of the log was acknowledged: a log that lost committed
+    records (damaged storage, an old copy restored) is reported, not silently served short."""
+    async with running_server(config) as server:
+        async with client(server) as c:
+            sid = await c.create_session()
+            await c.turn("first " + "a" * 100, max_tokens=2)
+            session = server.sessions.sessions[f"default/{sid}"]
+            first_end = (await server.engine.call(session.bank.stats)).log_bytes
+            await c.turn("second " + "b" * 100, max_tokens=2)
+        async with asyncio.timeout(TIMEOUT):
+            await session.no_client.wait()
+        # Drop the live session without a snapshot, as a crash would, then cut the log back.
+        server.sessions.sessions.pop(session.key)
+        await server.engine.call(session.bank.close)
+        log = next((session.directory / "bank").glob("log-*.wal"))
+        log.write_bytes(log.read_bytes()[:first_end])
+        async with client(server) as c:
+            await c.send({"type": "session.resume", "session_id": sid, "last_seq": 0})
+            error, _ = await c.until("error")
+            assert error["error"]["code"] == "session_unreadable"
