@@ -214,7 +214,10 @@ class SessionManager:
                 self._loading[key] = loading
                 try:
                     loading.set_result(await self._load(tenant, session_id))
-                except BaseException as exc:
+                except asyncio.CancelledError:
+                    loading.cancel()
+                    raise
+                except Exception as exc:
                     loading.set_exception(exc)
                     loading.exception()  # retrieved here; waiters get it too
                 finally:
