@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from agent_runtime.errors import DataDirLockedError
+from agent_runtime.errors import DataDirLockedError, StorageError, UnavailableError
 
 __all__ = [
     "DirectoryLock",
+    "StorageHealth",
     "atomic_create",
     "atomic_write",
     "ensure_private_dir",
     "fsync_dir",
     "locked",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -147,3 +151,47 @@ class DirectoryLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+class StorageHealth:
+    """Whether the data directory takes writes: set by failures, cleared by a successful
+    commit or :meth:`probe` (the server probes while unhealthy, so it recovers by itself)."""
+
+    PROBE = ".write-probe"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.healthy = True
+        self.last_error: str | None = None
+
+    def failed(self, exc: StorageError) -> None:
+        if self.healthy:
+            log.error("storage is not taking writes: %s", exc)
+        self.healthy, self.last_error = False, str(exc)
+
+    def ok(self) -> None:
+        if not self.healthy:
+            log.info("storage takes writes again")
+        self.healthy, self.last_error = True, None
+
+    def check(self) -> None:
+        """Refuse new work while the storage is failing."""
+        if not self.healthy:
+            raise UnavailableError(
+                "the server cannot write to its storage right now; retry later",
+                code="storage_unavailable",
+            )
+
+    def probe(self, size: int = 1 << 16) -> bool:
+        """Write, fsync and remove a small file; True (and healthy) when that works."""
+        path = self.data_dir / self.PROBE
+        try:
+            atomic_write(path, bytes(size))
+            path.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self.failed(StorageError(str(exc), exc.errno))
+            return False
+        self.ok()
+        return True

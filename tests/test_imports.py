@@ -60,7 +60,8 @@ def imports_of(
                 anchor = name.split(".") if package else name.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            targets = [f"{base}.{a.name}" for a in node.names]
+            # ``from pkg import x`` runs pkg/__init__.py first: an edge to pkg as well as to pkg.x.
+            targets = [base, *(f"{base}.{a.name}" for a in node.names)]
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]

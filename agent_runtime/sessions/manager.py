@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import agent_runtime.sessions.state as state_file
 from agent_runtime import protocol as p
 from agent_runtime.config import ServerConfig
 from agent_runtime.engine import Engine, OutputCollector, ResponseResult, SamplingParams
@@ -33,11 +34,10 @@ from agent_runtime.errors import (
     StoreError,
     UnavailableError,
 )
-from agent_runtime.files import atomic_write
+from agent_runtime.files import StorageHealth
 from agent_runtime.layout import BANK_DIR, session_directory
 from agent_runtime.metrics import EngineMetrics
 from agent_runtime.models.base import SessionState
-from agent_runtime.sessions import state as state_file
 from agent_runtime.sessions.session import Session
 from agent_runtime.sessions.store import SessionMeta, SessionStore
 from memory import MemoryBank, MemoryConfig
@@ -518,50 +518,6 @@ class _Opened:
     directory: Path
     header: state_file.StateHeader | None = None
     reserved_seq: int = 0
-
-
-class StorageHealth:
-    """Whether the data directory takes writes: set by failures, cleared by a successful
-    commit or :meth:`probe` (the server probes while unhealthy, so it recovers by itself)."""
-
-    PROBE = ".write-probe"
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.healthy = True
-        self.last_error: str | None = None
-
-    def failed(self, exc: StorageError) -> None:
-        if self.healthy:
-            log.error("storage is not taking writes: %s", exc)
-        self.healthy, self.last_error = False, str(exc)
-
-    def ok(self) -> None:
-        if not self.healthy:
-            log.info("storage takes writes again")
-        self.healthy, self.last_error = True, None
-
-    def check(self) -> None:
-        """Refuse new work while the storage is failing."""
-        if not self.healthy:
-            raise UnavailableError(
-                "the server cannot write to its storage right now; retry later",
-                code="storage_unavailable",
-            )
-
-    def probe(self, size: int = 1 << 16) -> bool:
-        """Write, fsync and remove a small file; True (and healthy) when that works."""
-        path = self.data_dir / self.PROBE
-        try:
-            atomic_write(path, bytes(size))
-            path.unlink()
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            self.failed(StorageError(str(exc), exc.errno))
-            return False
-        self.ok()
-        return True
 
 
 def _state_header(session: Session, *, turns: int) -> state_file.StateHeader:

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+import agent_runtime.sessions.state as state_file
 from agent_runtime import protocol as p
 from agent_runtime.errors import StorageError
 from agent_runtime.models.base import SessionState
-from agent_runtime.sessions import state as state_file
 from agent_runtime.sessions.store import SessionMeta
 from memory import MemoryBank
 from privacy.crypto import SessionCipher
