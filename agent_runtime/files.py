@@ -143,9 +143,10 @@ class DirectoryLock:
                 f"data directory {self.path.parent} is in use by another agent-runtime process"
                 f" (pid {holder}); stop it or choose another --data-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        with contextlib.suppress(OSError):  # the pid is a courtesy: a full disk must not stop us
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

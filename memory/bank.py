@@ -107,8 +107,13 @@ class MemoryBank:
         *,
         cipher: Cipher | None = None,
         clock: Callable[[], float] = time.time,
+        upto: tuple[int, int] | None = None,
     ) -> MemoryBank:
         """Create or restore the bank stored in ``directory`` (snapshot + log replay).
+
+        ``upto``, a :meth:`durable_position` the caller recorded when it acknowledged, bounds
+        the replay: commits after it are dropped, and a directory holding less raises
+        :class:`BankFormatError` before anything is written.
 
         The restored bank holds exactly the state of the last :meth:`sync` (the last commit:
         operations after it were never acknowledged and are dropped, see
@@ -121,6 +126,8 @@ class MemoryBank:
         bank = cls(key_dim, value_dim, config, clock=clock)
         config = bank.config
         found = recover(Path(directory), key_dim, value_dim, config, cipher)
+        if upto is not None:
+            found.limit(upto)
         if found.state is not None:
             bank.load_state_dict(found.state)
         if found.records is not None:
@@ -339,12 +346,13 @@ class MemoryBank:
         if self._journal is not None:
             self._journal.snapshot(self.state_dict())
 
-    def close(self) -> None:
-        """Sync and release files. Idempotent; the bank is unusable afterwards."""
+    def close(self, *, sync: bool = True) -> None:
+        """Sync (unless ``sync`` is false: for a bank about to be erased) and release files.
+        Idempotent; the bank is unusable afterwards."""
         if self._closed:
             return
         try:
-            if self._journal is not None:
+            if self._journal is not None and sync:
                 self.sync()
         finally:
             self._closed = True

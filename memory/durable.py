@@ -281,7 +281,16 @@ class Journal:
                 f"cannot write a bank snapshot: {exc.strerror or exc}", exc.errno
             ) from exc
         header = _log_header(state["key_dim"], state["value_dim"], state["config"])
-        new_log = LogWriter.create(_log_path(self._dir, gen), gen, header, cipher)
+        try:
+            new_log = LogWriter.create(_log_path(self._dir, gen), gen, header, cipher)
+        except StorageError:
+            # Without its log the new snapshot must not become the newest generation: later
+            # commits go on in generation g's log, which recovery would otherwise delete.
+            _snap_path(self._dir, gen).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                _log_path(self._dir, gen).unlink(missing_ok=True)
+            fsync_dir(self._dir)
+            raise
         old = self._writer
         self._writer, self._generation = new_log, gen
         self._logged_meta = meta_json(state["meta"])
@@ -314,14 +323,52 @@ class Recovery:
     state: dict[str, Any] | None
     replay_config: MemoryConfig
     log_name: str
-    records: list[LogRecord] | None = field(repr=False)
-    """The log's committed operation records (``None``: no log file yet)."""
-    next_seq: int
-    """Sequence number of the next record appended to the log."""
+    committed: list[LogRecord] | None = field(repr=False)
+    """The log's committed records, COMMIT records included (``None``: no log file yet)."""
     valid_end: int
-    """Byte offset where the log's valid records end (a torn tail after it is cut)."""
+    """Byte offset where the committed records end (what follows is cut on reopen)."""
+    header_end: int = 0
+    """Byte offset where the log's first record starts."""
     uncommitted: int = 0
     """Records after the last commit (unacknowledged writes), dropped and cut from the log."""
+
+    @property
+    def records(self) -> list[LogRecord] | None:
+        """The committed operation records (COMMIT records left out)."""
+        if self.committed is None:
+            return None
+        return [r for r in self.committed if r.type != COMMIT]
+
+    @property
+    def next_seq(self) -> int:
+        """Sequence number of the next record appended to the log."""
+        return self.committed[-1].seq + 1 if self.committed else 0
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(generation, committed log records): what :meth:`MemoryBank.durable_position` gives."""
+        return self.generation, self.next_seq
+
+    def limit(self, position: tuple[int, int]) -> None:
+        """Replay no further than ``position`` (an earlier :attr:`position`, e.g. the last one a
+        caller acknowledged): later commits are dropped and cut on reopen. Raises
+        :class:`BankFormatError`, before anything is written, when the directory holds less
+        than ``position`` (a lost generation, a log cut back past a commit)."""
+        gen, records = position
+        if self.generation < gen or (self.generation == gen and self.next_seq < records):
+            raise BankFormatError(
+                f"{self.directory}: holds less than was acknowledged (generation"
+                f" {self.generation}, {self.next_seq} log records; expected generation {gen},"
+                f" {records} records)"
+            )
+        if self.generation > gen or self.committed is None or self.next_seq == records:
+            return  # a newer generation includes everything, or nothing to drop
+        if records and self.committed[records - 1].type != COMMIT:
+            raise BankFormatError(f"{self.log_name}: position {records} is not a commit")
+        dropped = self.committed[records:]
+        self.committed = self.committed[:records]
+        self.valid_end = self.committed[-1].end if self.committed else self.header_end
+        self.uncommitted += len(dropped)
 
     def operations(self) -> Iterator[Operation]:
         """The log's operations in order, decoded lazily.
@@ -339,7 +386,7 @@ class Recovery:
         """Continue the log after its last valid record (cutting a torn tail), or start one
         for ``config``; then delete older generations. Call once, after the replay."""
         path = _log_path(self.directory, self.generation)
-        if self.records is not None:
+        if self.committed is not None:
             writer = LogWriter.reopen(
                 path, self.generation, self.next_seq, self.valid_end, self.cipher
             )
@@ -379,14 +426,14 @@ def recover(
     log_path = _log_path(directory, gen)
     records: list[LogRecord] | None = None
     valid_end = 0
-    uncommitted = 0
+    uncommitted = header_end = 0
     if log_path.exists():
         scan = read_log(log_path, cipher)
         if scan.generation != gen:
             raise BankFormatError(f"{log_path.name}: holds generation {scan.generation}")
         replay_config = check_layout(log_path.name, scan.header, key_dim, value_dim, config)
         records, valid_end = _committed(log_path.name, scan)
-        uncommitted = len(scan.records) - len(records)
+        uncommitted, header_end = len(scan.records) - len(records), scan.header_end
     return Recovery(
         directory=directory,
         generation=gen,
@@ -396,9 +443,9 @@ def recover(
         state=state,
         replay_config=replay_config,
         log_name=log_path.name,
-        records=[r for r in records if r.type != COMMIT] if records is not None else None,
-        next_seq=records[-1].seq + 1 if records else 0,
+        committed=records,
         valid_end=valid_end,
+        header_end=header_end,
         uncommitted=uncommitted,
     )
 

@@ -306,6 +306,7 @@ class LogWriter:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
+                os.fsync(self._fd)  # a batch whose fsync failed must not come back after a crash
             raise _storage_error(self.path, "write", exc) from exc
         if commit:
             self.seq += 1

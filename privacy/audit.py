@@ -125,6 +125,7 @@ class AuditLog:
     """
 
     MAX_BATCH = 512
+    MAX_QUEUE = 100_000  # records waiting while the disk refuses; past it they are counted, dropped
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
@@ -137,6 +138,7 @@ class AuditLog:
         self._writer: threading.Thread | None = None
         self._in_flight = 0
         self._closed = False
+        self.dropped = 0
 
     def _tail(self, fd: int) -> tuple[int, str, int]:
         """(next seq, hash of the last record, size of the complete lines) of the open file."""
@@ -189,6 +191,11 @@ class AuditLog:
         with self._cv:
             if self._closed:
                 raise PrivacyError("the audit log is closed")
+            if len(self._queue) >= self.MAX_QUEUE:  # the disk has refused for a long while
+                self.dropped += 1
+                if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                    log.error("audit log %s: %d records dropped", self.path.name, self.dropped)
+                return
             self._queue.append((actor, action, session_id, details))
             if self._writer is None:
                 self._writer = threading.Thread(
@@ -223,7 +230,13 @@ class AuditLog:
                 self._in_flight = len(batch)
             try:
                 self._write(batch)
-            except (OSError, PrivacyError) as exc:  # the disk refused: keep them and retry
+            except PrivacyError as exc:  # an unreadable log tail: retrying cannot help
+                log.error("audit log %s: %d records dropped: %s", self.path.name, len(batch), exc)
+                with self._cv:
+                    self._in_flight = 0
+                    self._cv.notify_all()
+                continue
+            except Exception as exc:  # the disk refused: keep them and retry
                 if not failing:
                     log.error("audit log %s: cannot append (will retry): %s", self.path.name, exc)
                 failing = True

@@ -232,6 +232,7 @@ class Server:
                 await asyncio.gather(task, return_exceptions=True)
         if self._ws is not None:
             self._ws.close(close_connections=False)  # stop accepting new connections
+        self.websocket.closing = True  # and new work on open ones: nothing outlives the snapshot
         for session in list(self.sessions.sessions.values()):
             if session.sender is not None:  # tell attached clients; a detached one misses nothing
                 with contextlib.suppress(Exception):
@@ -248,10 +249,10 @@ class Server:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.sessions.aclose()
         for conn in list(self.websocket.connections):
             await conn.close(1001, "server shutting down")
+        with contextlib.suppress(Exception):
+            await self.sessions.aclose()
         if self._ws is not None:
             await self._ws.wait_closed()
         await self.engine.aclose()

@@ -52,6 +52,7 @@ class WebsocketEndpoint:
         self.errors = errors
         self.spawn = spawn
         self.connections: set[ServerConnection] = set()
+        self.closing = False  # set at shutdown: new events are refused, pings still answered
 
     async def __call__(self, ws: ServerConnection) -> None:
         codec = p.CODECS[ws.subprotocol or p.JSON_SUBPROTOCOL]
@@ -107,6 +108,8 @@ class Connection:
             if isinstance(raw, dict) and isinstance(raw.get("event_id"), str):
                 event_id = raw["event_id"]
             event = p.parse_client_event(raw, max_message_chars=limits.max_message_chars)
+            if self.endpoint.closing and not isinstance(event, p.Ping):
+                raise UnavailableError("the server is shutting down", code="server_going_away")
             try:
                 await self._handlers[type(event)](event)
             except RequestError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -29,6 +30,7 @@ from agent_runtime.errors import (
     ConflictError,
     OverloadedError,
     PrivacyError,
+    RequestError,
     SessionNotFoundError,
     StorageError,
     StoreError,
@@ -85,6 +87,7 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}  # key: tenant/session_id
         self._reserved: Counter[str] = Counter()  # slots taken by creates/loads in progress
         self._loading: dict[str, asyncio.Future[Session]] = {}  # key -> a load in progress
+        self._unloading: dict[str, asyncio.Future[None]] = {}  # key -> an unload in progress
         self.storage = StorageHealth(data_dir)
         self.model = engine.model
         self.fingerprint = engine.model.fingerprint
@@ -126,8 +129,14 @@ class SessionManager:
         cipher = None
         if self.keystore is not None:
             cipher = self.keystore.session_cipher(tenant, session_id, create=new)
+        # The state file is the commit point: the bank replays exactly up to the position it
+        # recorded when the last turn was acknowledged (a commit without it was never acked).
+        saved = None if new else state_file.load(self.model, directory, session_id, cipher)
+        upto = saved.header.bank_position if saved is not None else None
         key_dim, value_dim = self.model.memory_dims
-        bank = MemoryBank.open(directory / BANK_DIR, key_dim, value_dim, self.memory, cipher=cipher)
+        bank = MemoryBank.open(
+            directory / BANK_DIR, key_dim, value_dim, self.memory, cipher=cipher, upto=upto
+        )
         try:
             bank.meta.setdefault("model_fingerprint", self.fingerprint)
             if bank.meta["model_fingerprint"] != self.fingerprint:
@@ -141,13 +150,10 @@ class SessionManager:
                 unit=self.privacy.unit,
                 budget_epsilon=self.privacy.budget_epsilon or None,
             )
-            saved = None if new else state_file.load(self.model, directory, session_id, cipher)
-            if saved is not None:
-                state_file.check_bank(saved.header, bank.durable_position())
             state = self.model.new_state() if saved is None else saved.state
             reserved = 0 if new else state_file.read_reserved_seq(directory)
         except BaseException:
-            bank.close()
+            bank.close(sync=False)
             raise
         if bank.recovered_uncommitted:
             log.info(
@@ -189,7 +195,7 @@ class SessionManager:
             try:
                 await self.store.create(meta)
             except BaseException:
-                await self.engine.call(opened.bank.close)
+                await self.engine.call(lambda: opened.bank.close(sync=False))
                 raise
             session = self._register(opened, session_id, tenant, meta)
         if instructions:
@@ -206,6 +212,8 @@ class SessionManager:
         Concurrent resumes of one session share one load.
         """
         key = f"{tenant}/{session_id}"
+        while (unloading := self._unloading.get(key)) is not None:
+            await asyncio.shield(unloading)  # a session being unloaded is loaded again after
         session = self.sessions.get(key)
         if session is None:
             loading = self._loading.get(key)
@@ -215,14 +223,22 @@ class SessionManager:
                 try:
                     loading.set_result(await self._load(tenant, session_id))
                 except asyncio.CancelledError:
-                    loading.cancel()
+                    loading.set_exception(UnavailableError("the session load was interrupted"))
+                    loading.exception()
                     raise
                 except Exception as exc:
                     loading.set_exception(exc)
                     loading.exception()  # retrieved here; waiters get it too
                 finally:
                     del self._loading[key]
-            session = await asyncio.shield(loading)
+                session = loading.result()
+            else:
+                try:
+                    session = await asyncio.shield(loading)
+                except RequestError as exc:  # each waiter gets its own copy (its own event_id)
+                    mine = copy.copy(exc)
+                    mine.event_id = None
+                    raise mine from exc
         self._audit(tenant, "resume", session_id)
         return session
 
@@ -243,7 +259,7 @@ class SessionManager:
                     await self.store.create(meta)
                     log.info("session %s: metadata rebuilt from its directory", session_id)
             except BaseException:
-                await self.engine.call(opened.bank.close)
+                await self.engine.call(lambda: opened.bank.close(sync=False))
                 raise
             session = self._register(opened, session_id, tenant, meta)
         header_seq = opened.header.seq if opened.header is not None else 0
@@ -436,11 +452,19 @@ class SessionManager:
                 await session.response_task
 
     async def unload(self, session: Session) -> None:
-        """Snapshot and drop a session from memory (it can be resumed later)."""
-        await self._stop_response(session)
-        await self.snapshot(session)
-        await self.engine.call(session.bank.close)
-        self.sessions.pop(session.key, None)
+        """Snapshot and drop a session from memory (it can be resumed later). A resume that
+        arrives meanwhile waits, then loads the snapshot: it never attaches to a closing one."""
+        done = asyncio.get_running_loop().create_future()
+        self._unloading[session.key] = done
+        try:
+            await self._stop_response(session)
+            await self.snapshot(session)
+            await self.engine.call(session.bank.close)
+            session.closed = True
+            self.sessions.pop(session.key, None)
+        finally:
+            del self._unloading[session.key]
+            done.set_result(None)
 
     async def delete(self, session: Session) -> None:
         """Cancel, forget and erase a session everywhere: the in-memory caches, the data key
@@ -448,23 +472,31 @@ class SessionManager:
         audit log keeps the fact of the erasure, without content."""
         await self._stop_response(session)
         session.closed = True
-        await self.engine.call(session.bank.close)
         self.sessions.pop(session.key, None)
+        await self.engine.call(lambda: session.bank.close(sync=False))  # erased next: no sync
         session.events.clear()
         sid, tenant = session.session_id, session.tenant
 
         async def delete_keys(keys: list[str]) -> None:
             await self.store.delete(sid, tenant)
 
-        await erase_session(
-            self.data_dir,
-            tenant,
-            sid,
-            self.keystore,
-            delete_keys,
-            [self.store.session_key(sid)],
-            audit=self.audit,
-        )
+        try:
+            await erase_session(
+                self.data_dir,
+                tenant,
+                sid,
+                self.keystore,
+                delete_keys,
+                [self.store.session_key(sid)],
+                audit=self.audit,
+            )
+        except PrivacyError as exc:  # the audit log says which steps took effect
+            log.error("session %s: erasure incomplete: %s", sid, exc)
+            raise UnavailableError(
+                "the erasure could not finish (storage or Redis failed); the session's data key"
+                " is destroyed first, so what remains is unreadable",
+                code="erasure_incomplete",
+            ) from exc
         log.info("session %s erased", sid)
 
     def detached(self, session: Session) -> None:

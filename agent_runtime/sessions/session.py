@@ -64,7 +64,7 @@ class Session:
         self.cipher: SessionCipher | None = None
         self.seq = 0
         self.seq_reserved = 0  # every seq up to this one may be in use (durably recorded)
-        self._reserving: asyncio.Task[None] | None = None
+        self._reserve_retry_at = 0.0
         self.events: deque[dict[str, Any]] = deque(maxlen=buffer_events)
         self.sender: Sender | None = None
         self.client: object = None  # the attached connection
@@ -85,17 +85,13 @@ class Session:
     async def emit(self, event: dict[str, Any]) -> None:
         """Stamp ``event`` with ``event_id`` and ``seq``, buffer it, and send it if a client is attached.
 
-        Seqs are reserved durably in blocks before they are sent, so a session reloaded after
-        a crash continues above every seq a client may have seen.
+        Seqs are reserved durably in blocks before they are sent (:meth:`_reserve`), so a
+        session reloaded after a crash continues above every seq a client may have seen.
         """
         self.seq += 1
-        seq = self.seq
-        if seq > self.seq_reserved and self._reserving is None:
-            self.seq_reserved = seq + SEQ_BLOCK - 1
-            self._reserving = asyncio.create_task(self._reserve(self.seq_reserved))
-        if self._reserving is not None:
-            await asyncio.shield(self._reserving)
-        event = p.stamp(event, seq)
+        if self.seq > self.seq_reserved:
+            self._reserve()
+        event = p.stamp(event, self.seq)
         self.events.append(event)
         sender = self.sender
         if sender is not None:
@@ -105,13 +101,21 @@ class Session:
                 log.info("session %s: client went away during send", self.session_id)
                 self.detach(sender)
 
-    async def _reserve(self, upto: int) -> None:
+    def _reserve(self) -> None:
+        """Durably reserve the next block of seqs (one small write per block, on the loop, so
+        seqs are stamped and sent strictly in order). While the disk refuses, events still go
+        out (retried at most once a second): only a crash during the outage could reuse seqs."""
+        now = time.monotonic()
+        if now < self._reserve_retry_at:
+            return
+        upto = self.seq + SEQ_BLOCK - 1
         try:
-            await asyncio.to_thread(state_file.reserve_seq, self.directory, upto)
-        except StorageError as exc:  # keep serving; only a crash during the outage could reuse
+            state_file.reserve_seq(self.directory, upto)
+        except StorageError as exc:
+            self._reserve_retry_at = now + 1.0
             log.warning("session %s: cannot reserve event seqs: %s", self.session_id, exc)
-        finally:
-            self._reserving = None
+            return
+        self.seq_reserved = upto
 
     def describe(self) -> dict[str, Any]:
         """The ``session`` object of ``session.created`` / ``session.resumed``."""

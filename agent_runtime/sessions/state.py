@@ -30,7 +30,6 @@ from privacy.crypto import SessionCipher
 __all__ = [
     "SavedState",
     "StateHeader",
-    "check_bank",
     "created_at_of",
     "load",
     "read_reserved_seq",
@@ -138,19 +137,6 @@ def _position(raw: object) -> tuple[int, int] | None:
     if not (isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, int) for x in raw)):
         raise ValueError(f"bank position {raw!r} is not [generation, records]")
     return raw[0], raw[1]
-
-
-def check_bank(header: StateHeader, position: tuple[int, int] | None) -> None:
-    """Refuse a bank that holds less than what the state file says was acknowledged (a log
-    cut back past a commit: damaged storage, or a restore from an older copy)."""
-    if header.bank_position is None or position is None:
-        return
-    (gen, records), (now_gen, now_records) = header.bank_position, position
-    if now_gen < gen or (now_gen == gen and now_records < records):
-        raise BankFormatError(
-            f"the bank holds less than was acknowledged (generation {now_gen}, {now_records}"
-            f" log records; the state file expects generation {gen}, {records} records)"
-        )
 
 
 def read_reserved_seq(directory: Path) -> int:

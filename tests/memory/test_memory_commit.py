@@ -131,3 +131,42 @@ def test_sync_failure_is_a_storage_error_naming_the_log(tmp_path: Path) -> None:
     bank._journal._writer._fd = os.open(tmp_path / LOG, os.O_RDONLY)  # type: ignore[union-attr]
     with pytest.raises(StorageError, match=LOG):
         bank.sync()
+
+
+def test_a_snapshot_whose_log_cannot_be_created_leaves_the_old_generation_in_charge(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(4)
+    bank = MemoryBank.open(tmp_path, DK, DV, MemoryConfig())
+    bank.add(*kv(rng, 3))
+    bank.sync()
+    (tmp_path / "log-00000001.wal").mkdir()  # the new generation's log cannot be created
+    with pytest.raises(StorageError):
+        bank.snapshot()
+    assert not (tmp_path / "snapshot-00000001.bank").exists()
+    (tmp_path / "log-00000001.wal").rmdir()  # the fault passes
+    bank.add(*kv(rng, 5))
+    bank.sync()  # acknowledged in generation 0's log
+    position = bank.durable_position()
+    bank.close()
+    with MemoryBank.open(tmp_path, DK, DV, MemoryConfig(), upto=position) as reopened:
+        assert len(reopened) == 8
+
+
+def test_upto_drops_commits_after_the_acknowledged_position_and_refuses_less(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(5)
+    bank = MemoryBank.open(tmp_path, DK, DV, MemoryConfig())
+    bank.add(*kv(rng, 4))
+    bank.sync()
+    acked = bank.durable_position()
+    bank.add(*kv(rng, 6))
+    bank.sync()  # committed, but its caller never acknowledged it (e.g. its state write failed)
+    later = bank.durable_position()
+    bank.close()
+    with MemoryBank.open(tmp_path, DK, DV, MemoryConfig(), upto=acked) as reopened:
+        assert len(reopened) == 4
+        assert reopened.recovered_uncommitted > 0
+    with pytest.raises(BankFormatError, match="less than was acknowledged"):
+        MemoryBank.open(tmp_path, DK, DV, MemoryConfig(), upto=later)

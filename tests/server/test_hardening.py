@@ -226,3 +226,56 @@ async def test_a_bank_cut_back_past_an_acknowledged_turn_is_refused(
             await c.send({"type": "session.resume", "session_id": sid, "last_seq": 0})
             error, _ = await c.until("error")
             assert error["error"]["code"] == "session_unreadable"
+
+
+async def test_a_turn_whose_state_file_was_not_written_is_not_resumed(
+    config: RuntimeConfig,
+) -> None:
+    """The state file is the commit point: a bank commit whose state write failed (the turn was
+    reported failed) is dropped when the session is loaded after a crash."""
+    async with running_server(config) as server:
+        async with client(server) as c:
+            sid = await c.create_session()
+            _, done, _ = await c.turn("first " + "a" * 120, max_tokens=2)
+            acked_entries = done["response"]["memory"]["entries"]
+            session = server.sessions.sessions[f"default/{sid}"]
+            state = session.directory / "state.pt"
+            old_state = state.read_bytes()
+            state.unlink()
+            state.mkdir()  # the next state write fails
+            _, failed, _ = await c.turn("second " + "b" * 300, max_tokens=2)
+            assert failed["response"]["status"] == "failed"
+        async with asyncio.timeout(TIMEOUT):
+            await session.no_client.wait()
+        # A crash now: the session is gone from memory, its files are what they are.
+        server.sessions.sessions.pop(session.key)
+        await server.engine.call(lambda: session.bank.close(sync=False))
+        state.rmdir()
+        state.write_bytes(old_state)
+        async with client(server) as c:
+            await c.send({"type": "session.resume", "session_id": sid, "last_seq": 0})
+            resumed, _ = await c.until("session.resumed")
+            assert resumed["session"]["memory_entries"] == acked_entries
+            assert resumed["session"]["turns"] == 1
+
+
+async def test_a_resume_during_an_unload_waits_and_gets_a_live_session(
+    config: RuntimeConfig,
+) -> None:
+    async with running_server(config) as server:
+        async with client(server) as c:
+            sid = await c.create_session()
+            await c.turn("x" * 100, max_tokens=2)
+        session = next(iter(server.sessions.sessions.values()))
+        async with asyncio.timeout(TIMEOUT):
+            await session.no_client.wait()
+        unload = asyncio.create_task(server.sessions.unload(session))
+        await asyncio.sleep(0)  # the unload has begun
+        async with client(server) as c:
+            await c.send({"type": "session.resume", "session_id": sid, "last_seq": 0})
+            await c.until("session.resumed")
+            await unload
+            _, done, _ = await c.turn("after the unload", max_tokens=2)
+            assert done["response"]["status"] in ("completed", "incomplete")
+            live = server.sessions.sessions[f"default/{sid}"]
+            assert live is not session and not live.closed
