@@ -4,7 +4,7 @@ Chromium is Debian's ``chromium`` package (``.ci/install-browser`` installs it);
 ``playwright`` Python package pointed at that executable, so nothing is downloaded at test time.
 A missing browser fails these tests with the reason: it is never skipped silently.
 
-``AGENT_RUNTIME_WEB_SCREENSHOT=docs/web-page.png pytest tests/test_web.py -k resumes`` also saves a
+``AGENT_RUNTIME_WEB_SCREENSHOT=docs/web-page.png pytest tests/server/test_web.py -k resumes`` also saves a
 screenshot of the page after its first exchange; the reply then comes from the model
 ``agent-runtime serve`` would load (the bundled checkpoint when there is one) instead of the
 tiny test model, so the picture shows a real answer.
