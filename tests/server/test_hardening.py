@@ -15,9 +15,24 @@ from websockets.exceptions import InvalidStatus
 
 from agent_runtime.config import RuntimeConfig
 from agent_runtime.errors import PrivacyError
+from agent_runtime.sessions import Session
 from privacy.audit import AuditLog, verify
 from privacy.tenants import TenantRegistry
+from server.app import Server
 from tests.conftest import TIMEOUT, Client, client, make_config, running_server
+
+
+async def idle_session_after_a_turn(server: Server, text: str) -> tuple[str, Session, int]:
+    """Create a session, take one turn, disconnect, and wait until the server noticed:
+    (session id, the live session, its memory entries at the acknowledgement)."""
+    async with client(server) as c:
+        sid = await c.create_session()
+        _, done, _ = await c.turn(text, max_tokens=2)
+    session = server.sessions.sessions[f"default/{sid}"]
+    async with asyncio.timeout(TIMEOUT):
+        await session.no_client.wait()
+    return sid, session, int(done["response"]["memory"]["entries"])
+
 
 HOSTILE = [
     "[" * 1200 + "]" * 1200,  # nesting far past the limit
@@ -51,12 +66,7 @@ async def test_a_corrupt_bank_on_resume_is_an_error_event_not_a_close(
     config: RuntimeConfig,
 ) -> None:
     async with running_server(config) as server:
-        async with client(server) as c:
-            sid = await c.create_session()
-            await c.turn("x" * 200, max_tokens=2)
-        session = next(iter(server.sessions.sessions.values()))
-        async with asyncio.timeout(TIMEOUT):
-            await session.no_client.wait()
+        sid, _, _ = await idle_session_after_a_turn(server, "x" * 200)
         assert await server.sessions.unload_idle(now=float("inf")) == 1
         bank = server.sessions.directory("default", sid) / "bank"
         for f in bank.iterdir():
@@ -263,12 +273,7 @@ async def test_a_resume_during_an_unload_waits_and_gets_a_live_session(
     config: RuntimeConfig,
 ) -> None:
     async with running_server(config) as server:
-        async with client(server) as c:
-            sid = await c.create_session()
-            await c.turn("x" * 100, max_tokens=2)
-        session = next(iter(server.sessions.sessions.values()))
-        async with asyncio.timeout(TIMEOUT):
-            await session.no_client.wait()
+        sid, session, _ = await idle_session_after_a_turn(server, "x" * 100)
         unload = asyncio.create_task(server.sessions.unload(session))
         await asyncio.sleep(0)  # the unload has begun
         async with client(server) as c:
