@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from agent_runtime.errors import BankCapacityError, MemoryBankError
+from agent_runtime.errors import BankCapacityError, BankFormatError, MemoryBankError
 from memory.config import MemoryConfig
 from memory.durable import (
     Add,
@@ -42,7 +42,7 @@ from memory.durable import (
     recover,
     replay_error,
 )
-from memory.index import FlatKeys, IVFKeys, KeyIndex
+from memory.index import FlatKeys, IVFKeys, KeyIndex, PartitionedKeys
 from memory.persist import Cipher
 from memory.policy import MinQueue, expiry_keys, fifo_keys, importance_keys
 from memory.results import BankStats, SearchResult
@@ -51,9 +51,12 @@ from memory.storage import SlotStore
 
 __all__ = ["BankStats", "MemoryBank", "SearchResult", "search_banks"]
 
+_WHAT_STATE = "bank state_dict"
+
 
 class MemoryBank:
-    """One session's memory for one memory layer."""
+    """One session's memory: one entry per token, for one memory layer or (``parts`` > 1) for
+    several heads side by side, each searched on its own (:meth:`search_parts`)."""
 
     def __init__(
         self,
@@ -61,13 +64,21 @@ class MemoryBank:
         value_dim: int,
         config: MemoryConfig | None = None,
         *,
+        parts: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if key_dim < 1 or value_dim < 1:
             raise MemoryBankError(f"dims must be >= 1, got key_dim={key_dim} value_dim={value_dim}")
+        if parts < 1 or key_dim % parts or value_dim % parts:
+            raise MemoryBankError(
+                f"parts must divide the dims, got parts={parts} for ({key_dim}, {value_dim})"
+            )
         self.key_dim = key_dim
         self.value_dim = value_dim
+        self.parts = parts
         self.config = (config or MemoryConfig()).validate()
+        if parts > 1 and self.config.index == "ivf":
+            raise MemoryBankError("a bank with parts has exact (flat) key indexes only")
         self.meta: dict[str, object] = {}
         self.recovered_uncommitted = 0  # log records after the last commit, dropped by open()
         self._clock = clock
@@ -78,12 +89,17 @@ class MemoryBank:
         self._pruned_total = 0
         value_dtype = np.dtype(np.float16 if self.config.value_storage == "fp16" else np.float32)
         self._store = SlotStore(value_dim, value_dtype)
-        self._index: KeyIndex = FlatKeys(key_dim, self.config.flat_storage)
+        self._index: KeyIndex = self._new_index()
         self._make_queues()
         self._journal: Journal | None = None  # set by open(): the bank's directory
         self._closed = False
 
     # -- construction helpers -------------------------------------------------------------------
+
+    def _new_index(self) -> KeyIndex:
+        if self.parts > 1:
+            return PartitionedKeys(self.key_dim, self.config.flat_storage, self.parts)
+        return FlatKeys(self.key_dim, self.config.flat_storage)
 
     def _make_queues(self) -> None:
         c = self.config
@@ -108,6 +124,7 @@ class MemoryBank:
         cipher: Cipher | None = None,
         clock: Callable[[], float] = time.time,
         upto: tuple[int, int] | None = None,
+        parts: int = 1,
     ) -> MemoryBank:
         """Create or restore the bank stored in ``directory`` (snapshot + log replay).
 
@@ -123,7 +140,7 @@ class MemoryBank:
         policies in ``config`` differ from the stored ones, a new generation is written, so
         later records replay under the new config.
         """
-        bank = cls(key_dim, value_dim, config, clock=clock)
+        bank = cls(key_dim, value_dim, config, parts=parts, clock=clock)
         config = bank.config
         found = recover(Path(directory), key_dim, value_dim, config, cipher)
         if upto is not None:
@@ -193,6 +210,8 @@ class MemoryBank:
         their retrieval time and mass updated (importance and staleness policies).
         """
         self._check_open()
+        if self.parts > 1:
+            raise MemoryBankError("a bank with parts is searched with search_parts")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.key_dim:
             raise MemoryBankError(
@@ -226,13 +245,76 @@ class MemoryBank:
         values[~mask] = 0.0
         ids = np.where(mask, st.ids[safe], -1)
         scores = np.where(mask, scores, 0.0).astype(np.float32)
-        touched, counts = np.unique(rows[mask], return_counts=True)
+        self._touch(now, rows[mask])
+        return SearchResult(values=values, scores=scores, ids=ids, mask=mask)
+
+    def search_parts(self, queries: np.ndarray, k: int, first: int = 0) -> SearchResult:
+        """Top-``k`` live entries of each part ``first + p`` for the query rows ``queries[p]``
+        ((P, q, key_dim / parts)); results have a leading P axis and carry the entries' keys and
+        positions (what a pretrained decoder needs to attend to them at chosen positions).
+
+        One call per memory layer and step: expiry runs once, and the retrievals of all parts
+        are recorded as one touch (a token's weight is how many of its parts' rows were hit).
+        """
+        self._check_open()
+        if self.parts == 1:
+            raise MemoryBankError("search_parts needs a bank with parts; use search")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        d, dv = self.key_dim // self.parts, self.value_dim // self.parts
+        if queries.ndim != 3 or queries.shape[2] != d or first < 0:
+            raise MemoryBankError(f"queries must have shape (P, q, {d}), got {queries.shape}")
+        P, q = queries.shape[:2]
+        if first + P > self.parts:
+            raise MemoryBankError(f"parts {first}..{first + P - 1} exceed the bank's {self.parts}")
+        if k < 0:
+            raise MemoryBankError(f"k must be >= 0, got k={k}")
+        now = self._now()
+        self._expire(now)
+        st = self._store
+        if st.live == 0 or k == 0 or q == 0:
+            return SearchResult(
+                values=np.zeros((P, q, k, dv), np.float32),
+                scores=np.zeros((P, q, k), np.float32),
+                ids=np.full((P, q, k), -1, np.int64),
+                mask=np.zeros((P, q, k), np.bool_),
+                positions=np.full((P, q, k), -1, np.int64),
+                keys=np.zeros((P, q, k, d), np.float32),
+            )
+        index = self._index
+        assert isinstance(index, PartitionedKeys)
+        bitmap = st.bitmap if st.live < index.ntotal else None
+        found = [
+            index.search_part(first + p, queries[p], k, bitmap, self.config.threads)
+            for p in range(P)
+        ]
+        scores = np.stack([f[0] for f in found])
+        rows = np.stack([f[1] for f in found])
+        mask = rows >= 0
+        safe = np.where(mask, rows, 0)
+        mask &= st.alive[safe]
+        part_ids = (first + np.arange(P))[:, None, None]
+        values = st.values.reshape(-1, self.parts, dv)[safe, part_ids].astype(np.float32)
+        keys = np.stack([index.part_keys(first + p, safe[p]) for p in range(P)])
+        values[~mask] = 0.0
+        keys[~mask] = 0.0
+        self._touch(now, rows[mask])
+        return SearchResult(
+            values=values,
+            scores=np.where(mask, scores, 0.0).astype(np.float32),
+            ids=np.where(mask, st.ids[safe], -1),
+            mask=mask,
+            positions=np.where(mask, st.positions[safe], -1),
+            keys=keys,
+        )
+
+    def _touch(self, now: float, hit_rows: np.ndarray) -> None:
+        """Record retrievals (each hit row adds weight 1 to its entry's mass)."""
+        touched, counts = np.unique(hit_rows, return_counts=True)
         if touched.shape[0]:
             weights = counts.astype(np.float64)
             if self._journal is not None:
-                self._journal.touch(now, touched, st.ids[touched], weights)
+                self._journal.touch(now, touched, self._store.ids[touched], weights)
             self._apply_touch(now, touched, weights)
-        return SearchResult(values=values, scores=scores, ids=ids, mask=mask)
 
     def prune(self, now: float | None = None) -> int:
         """Remove entries past their TTL or stale; returns how many were removed.
@@ -317,6 +399,9 @@ class MemoryBank:
         if self._journal is not None:
             raise MemoryBankError("cannot load a state dict into a bank that has a directory")
         restored = restore_state(state, self.key_dim, self.value_dim, self.config)
+        parts = restored.index.parts if isinstance(restored.index, PartitionedKeys) else 1
+        if parts != self.parts:
+            raise BankFormatError(f"{_WHAT_STATE} has {parts} key parts, this bank {self.parts}")
         self._store, self._index = restored.store, restored.index
         self._next_id = restored.counters["next_id"]
         self._added_total = restored.counters["added_total"]
@@ -448,7 +533,8 @@ class MemoryBank:
 
     def _wants_ivf(self) -> bool:
         return (
-            self.config.index in ("auto", "ivf")
+            self.parts == 1
+            and self.config.index in ("auto", "ivf")
             and self._index.kind == "flat"
             and self._store.live >= self.config.ann_threshold
         )

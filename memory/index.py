@@ -24,7 +24,7 @@ import numpy as np
 
 from agent_runtime.errors import BankFormatError, MemoryBankError
 
-__all__ = ["FlatKeys", "IVFKeys", "KeyIndex", "load_index"]
+__all__ = ["FlatKeys", "IVFKeys", "KeyIndex", "PartitionedKeys", "load_index"]
 
 # faiss ships partial stubs that miss SearchParameters keywords and DirectMap; use it untyped.
 faiss: Any = _faiss_typed
@@ -230,12 +230,109 @@ class IVFKeys(KeyIndex):
         return scores, rows
 
 
+class PartitionedKeys(KeyIndex):
+    """``parts`` exact indexes side by side: row ``s`` of part ``p`` is slice ``p`` of slot
+    ``s``'s key (``dim / parts`` components).
+
+    A bank with parts stores one entry per token for several attention heads (a pretrained
+    decoder's memory layers x KV heads): each head searches only its own keys, and eviction,
+    TTL and ids stay per token. Keys come in and go out concatenated, so the log and the
+    privacy noising see one row per entry. Parts are flat (exact) only.
+    """
+
+    kind = "flat"
+    MAGIC = b"ARPK"
+
+    def __init__(self, dim: int, storage: str, parts: int, indexes: list[FlatKeys] | None = None):
+        super().__init__(dim, storage)
+        if parts < 2 or dim % parts:
+            raise MemoryBankError(f"key dim {dim} does not split into {parts} parts")
+        self.parts = parts
+        self.part_dim = dim // parts
+        self.indexes = indexes or [FlatKeys(self.part_dim, storage) for _ in range(parts)]
+
+    @property
+    def ntotal(self) -> int:
+        return self.indexes[0].ntotal
+
+    def _split(self, keys: np.ndarray) -> list[np.ndarray]:
+        d = self.part_dim
+        return [np.ascontiguousarray(keys[:, p * d : (p + 1) * d]) for p in range(self.parts)]
+
+    def append(self, keys: np.ndarray) -> None:
+        for index, part in zip(self.indexes, self._split(keys), strict=True):
+            index.append(part)
+
+    def overwrite(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        for index, part in zip(self.indexes, self._split(keys), strict=True):
+            index.overwrite(rows, part)
+
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        return np.concatenate([index.reconstruct(rows) for index in self.indexes], axis=1)
+
+    def part_keys(self, part: int, rows: np.ndarray) -> np.ndarray:
+        """Stored keys of ``rows`` (any shape) in one part, float32, shape ``rows.shape + (d,)``."""
+        matrix = self.indexes[part]._matrix()
+        return matrix[rows].astype(np.float32)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        threads: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        raise MemoryBankError("a partitioned key index is searched one part at a time")
+
+    def search_part(
+        self, part: int, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.indexes[part].search(queries, k, bitmap, threads)
+
+    def nbytes(self) -> int:
+        return sum(index.nbytes() for index in self.indexes)
+
+    def to_bytes(self) -> np.ndarray:
+        chunks = [self.MAGIC, np.uint32(self.parts).tobytes()]
+        for index in self.indexes:
+            blob = index.to_bytes().tobytes()
+            chunks += [np.uint64(len(blob)).tobytes(), blob]
+        return np.frombuffer(b"".join(chunks), np.uint8).copy()
+
+
+def _load_parts(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> PartitionedKeys:
+    raw = buf.tobytes()
+    parts = int(np.frombuffer(raw[4:8], np.uint32)[0]) if len(raw) >= 8 else 0
+    if parts < 2 or dim % parts:
+        raise BankFormatError(f"partitioned key index has {parts} parts for key dim {dim}")
+    indexes: list[FlatKeys] = []
+    at = 8
+    for p in range(parts):
+        if at + 8 > len(raw):
+            raise BankFormatError(f"partitioned key index is truncated at part {p}")
+        n = int(np.frombuffer(raw[at : at + 8], np.uint64)[0])
+        blob = raw[at + 8 : at + 8 + n]
+        if len(blob) != n:
+            raise BankFormatError(f"partitioned key index is truncated at part {p}")
+        index = load_index(np.frombuffer(blob, np.uint8).copy(), dim // parts, storage, nprobe)
+        if not isinstance(index, FlatKeys):
+            raise BankFormatError(f"part {p} of a partitioned key index is not flat")
+        indexes.append(index)
+        at += 8 + n
+    if at != len(raw) or len({index.ntotal for index in indexes}) != 1:
+        raise BankFormatError("partitioned key index parts disagree in size")
+    return PartitionedKeys(dim, storage, parts, indexes)
+
+
 def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex:
     """Deserialize an index written by :meth:`KeyIndex.to_bytes` (bytes already verified).
 
     Raises :class:`BankFormatError` unless it is a flat or IVF inner-product index of ``dim``
-    whose codes have the size of ``storage`` (an IVF one with its array direct map).
+    whose codes have the size of ``storage`` (an IVF one with its array direct map), or a
+    :class:`PartitionedKeys` of flat ones.
     """
+    if buf[:4].tobytes() == PartitionedKeys.MAGIC:
+        return _load_parts(buf, dim, storage, nprobe)
     try:
         raw = faiss.deserialize_index(buf)
     except RuntimeError as exc:

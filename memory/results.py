@@ -14,6 +14,9 @@ __all__ = ["BankStats", "SearchResult"]
 class SearchResult:
     """Top-k results for ``q`` queries; invalid slots have ``mask == False`` and ``ids == -1``.
 
+    :meth:`~memory.bank.MemoryBank.search_parts` returns the same fields with a leading
+    ``parts`` axis (values (parts, q, k, value_dim / parts)) plus ``keys`` and ``positions``.
+
     Valid results come first in each row, best score first; invalid ones have zero values
     and scores.
     """
@@ -22,6 +25,10 @@ class SearchResult:
     scores: np.ndarray  # (q, k) float32, inner products with the stored keys
     ids: np.ndarray  # (q, k) int64 stable entry ids
     mask: np.ndarray  # (q, k) bool
+    positions: np.ndarray | None = None
+    """Stored positions of the entries (``search_parts`` only; -1 where invalid)."""
+    keys: np.ndarray | None = None
+    """Stored keys (``search_parts`` only): (parts, q, k, key_dim / parts) float32."""
 
 
 @dataclass

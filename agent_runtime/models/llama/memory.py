@@ -1,0 +1,288 @@
+"""Training-free kNN memory for a pretrained decoder: local window + top-k retrieved pairs.
+
+Every layer attends to a **local window**: the pre-RoPE keys/values of the last ``window`` to
+``window + block`` tokens, kept per session (:class:`LlamaState`). When the window holds
+``window + block`` tokens its oldest ``block`` leave it; at the **memory layers** their
+pre-RoPE keys and values go to the session's bank, one entry per token with one part per
+(memory layer, KV head) (``MemoryBank(parts=...)``); elsewhere they are dropped.
+
+At a memory layer each query head searches its KV head's part of the bank with its pre-RoPE
+query (a content match, independent of how far back the entry is), takes the top ``k`` and
+attends **jointly** over them and its window: one softmax over both (the InfLLM/EM-LLM
+recipe; the Memorizing Transformer's gate needs training, this needs none).
+
+Positions. The window keeps its true relative positions. Retrieved entries are placed just
+before the window, in their original order (entry ``r`` of the ``k``, sorted by true position,
+sits at ``window_start - k + r``), so a later statement still reads as later and no distance
+exceeds ``window + block + k`` whatever the conversation's length: the model never sees a
+position outside its trained range. Each row is computed in a frame shifted so its first
+position is 0 (RoPE is relative: a shift changes nothing but rounding).
+
+**Exact mode** (``exact=True``) gives retrieved entries their true positions and should be
+run with every layer a memory layer and ``k`` at least the history: it then reproduces full
+causal attention (tested to 1e-4 against :meth:`LlamaModel.forward`), which is how the
+retrieval path is verified.
+
+Functions here run on the engine's worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from agent_runtime.errors import BudgetExhaustedError, ConfigError
+from agent_runtime.models.llama.model import LlamaModel
+from memory import MemoryBank
+
+__all__ = ["LlamaState", "MemoryPlan", "forward_rows"]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a pretrained decoder uses its kNN memory (see the module docstring)."""
+
+    layers: tuple[int, ...]
+    """Memory layers (0-based); the others attend to their window only."""
+    window: int = 512
+    """Tokens every layer always attends to (at least; up to ``window + block``)."""
+    block: int = 64
+    """Tokens moved from the window to the bank at once (``window`` is a multiple of it)."""
+    k: int = 32
+    """Entries retrieved per query head and token at each memory layer."""
+    exact: bool = False
+    """Retrieved entries at their true positions (verification; see the module docstring)."""
+
+    def validate(self, num_layers: int) -> MemoryPlan:
+        if self.block < 1 or self.window < self.block or self.window % self.block:
+            raise ConfigError(
+                "engine.memory_window",
+                self.window,
+                f"must be a positive multiple of engine.memory_block ({self.block})",
+            )
+        if self.k < 0:
+            raise ConfigError("engine.memory_k", self.k, "must be >= 0")
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(
+                "engine.memory_layers",
+                ",".join(map(str, self.layers)),
+                f"must be distinct layer indices in 0..{num_layers - 1}",
+            )
+        return self
+
+
+@dataclass
+class LlamaState:
+    """One session's decoding state: the window's pre-RoPE keys/values for every layer."""
+
+    k: list[Tensor]  # per layer (C, kv_heads, head_dim): positions position-C .. position-1
+    v: list[Tensor]
+    position: int = 0
+    written: int = 0
+    recent_ids: list[np.ndarray] = field(default_factory=list)
+    protect: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    memory_stopped: str | None = None
+
+    @property
+    def cached(self) -> int:
+        return int(self.k[0].shape[0])
+
+
+@dataclass
+class _Retrieved:
+    """One row's retrieval at one memory layer, shaped for attention."""
+
+    keys: Tensor  # (kv, g, T, k, D) pre-RoPE
+    values: Tensor  # (kv, g, T, k, D)
+    positions: Tensor  # (kv, g, T, k) true positions
+    mask: Tensor  # (kv, g, T, k)
+
+
+def _search(
+    bank: MemoryBank, q: Tensor, first: int, kv: int, k: int
+) -> tuple[_Retrieved | None, int]:
+    """Top-k of each query head (q: (T, H, D) pre-RoPE) in parts ``first..first+kv-1``."""
+    T, H, D = q.shape
+    g = H // kv
+    queries = q.float().reshape(T, kv, g, D).permute(1, 2, 0, 3).reshape(kv, g * T, D)
+    res = bank.search_parts(queries.cpu().numpy(), k, first)
+    assert res.keys is not None and res.positions is not None
+    if not res.mask.any():
+        return None, 0
+    dev, dt = q.device, q.dtype
+    shape = (kv, g, T, k)
+    return (
+        _Retrieved(
+            keys=torch.from_numpy(res.keys).to(dev, dt).view(*shape, D),
+            values=torch.from_numpy(res.values).to(dev, dt).view(*shape, D),
+            positions=torch.from_numpy(res.positions).to(dev).view(shape),
+            mask=torch.from_numpy(res.mask).to(dev).view(shape),
+        ),
+        int(res.mask.sum()),
+    )
+
+
+class RopeTable:
+    """cos/sin of every position a frame uses, computed once (positions repeat every layer)."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self.cos = torch.zeros(0)
+        self.sin = torch.zeros(0)
+
+    def at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """RoPE of x (..., D) at integer positions of shape x.shape[:-1]."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0]:
+            size = max(need, 2 * self.cos.shape[0], 1024)
+            grid = torch.arange(size, device=x.device)[None]
+            cos, sin = self.model.rope(grid)
+            self.cos, self.sin = cos[0], sin[0]
+        cos, sin = self.cos[positions], self.sin[positions]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+def _attend_row(
+    rope: RopeTable,
+    plan: MemoryPlan,
+    state: LlamaState,
+    layer: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mem: _Retrieved | None,
+) -> Tensor:
+    """Attention of one row's T new queries (T, H, D) over its window, its new keys and its
+    retrieved entries; returns (T, H, D)."""
+    T, H, D = q.shape
+    kv = k.shape[1]
+    g = H // kv
+    C = state.cached
+    start = state.position - C  # true position of the window's first key
+    keys = torch.cat([state.k[layer], k]) if C else k
+    values = torch.cat([state.v[layer], v]) if C else v
+    n_mem = 0 if mem is None else mem.mask.shape[-1]
+    # the frame: this row's earliest position (retrieved or window) becomes 0
+    shift = 0 if plan.exact else max(0, start - n_mem)
+    dev = q.device
+    q_pos = torch.arange(state.position, state.position + T, device=dev) - shift
+    k_pos = torch.arange(start, state.position + T, device=dev) - shift
+    q_r = rope.at(q, q_pos[:, None].expand(T, H))
+    k_r = rope.at(keys, k_pos[:, None].expand(C + T, kv))
+    qg = q_r.view(T, kv, g, D).permute(1, 2, 0, 3).float()  # (kv, g, T, D)
+    scale = 1.0 / math.sqrt(D)
+    win = torch.einsum("hgtd,shd->hgts", qg, k_r.float()) * scale  # (kv, g, T, C+T)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (T, C+T)
+    win = win.masked_fill(~causal, float("-inf"))
+    vals_win = values.float().permute(1, 0, 2)  # (kv, C+T, D)
+    if mem is None:
+        p = torch.softmax(win, dim=-1)
+        out = torch.einsum("hgts,hsd->hgtd", p, vals_win)
+    else:
+        if plan.exact:
+            m_pos = mem.positions - shift
+        else:
+            # original order, packed just before the window
+            rank = torch.argsort(torch.argsort(mem.positions, dim=-1), dim=-1)
+            m_pos = start - n_mem + rank - shift
+        m_pos = torch.where(mem.mask, m_pos, torch.zeros_like(m_pos))
+        mk = rope.at(mem.keys, m_pos).float()  # (kv, g, T, k, D)
+        sm = torch.einsum("hgtd,hgtkd->hgtk", qg, mk) * scale
+        sm = sm.masked_fill(~mem.mask, float("-inf"))
+        p = torch.softmax(torch.cat([sm, win], dim=-1), dim=-1)
+        out = torch.einsum("hgtk,hgtkd->hgtd", p[..., :n_mem], mem.values.float())
+        out = out + torch.einsum("hgts,hsd->hgtd", p[..., n_mem:], vals_win)
+    return out.permute(2, 0, 1, 3).reshape(T, H, D).to(q.dtype)
+
+
+def _advance(
+    plan: MemoryPlan, state: LlamaState, ks: list[Tensor], vs: list[Tensor], bank: MemoryBank | None
+) -> None:
+    """Append a row's new keys/values to its window; move full blocks to the bank."""
+    state.k = [torch.cat([old, new]) for old, new in zip(state.k, ks, strict=True)]
+    state.v = [torch.cat([old, new]) for old, new in zip(state.v, vs, strict=True)]
+    state.position += ks[0].shape[0]
+    while state.cached >= plan.window + plan.block:
+        n = plan.block
+        first = state.position - state.cached
+        if plan.layers:
+            keys = torch.cat([state.k[i][:n].reshape(n, -1) for i in plan.layers], dim=1)
+            values = torch.cat([state.v[i][:n].reshape(n, -1) for i in plan.layers], dim=1)
+            _write(state, bank, keys, values, first)
+        state.k = [t[n:] for t in state.k]
+        state.v = [t[n:] for t in state.v]
+
+
+def _write(
+    state: LlamaState, bank: MemoryBank | None, keys: Tensor, values: Tensor, first: int
+) -> None:
+    if bank is None or state.memory_stopped is not None:
+        return
+    k = keys.float().cpu().numpy()
+    if state.protect is not None:
+        try:
+            k = state.protect(k)  # DP noise; the ledger is charged durably first
+        except BudgetExhaustedError as exc:
+            state.memory_stopped = str(exc)
+            return
+    positions = np.arange(first, first + k.shape[0], dtype=np.int64)
+    state.recent_ids.append(bank.add(k, values.float().cpu().numpy(), positions))
+    state.written += k.shape[0]
+
+
+def _rope_table(model: LlamaModel) -> RopeTable:
+    table = getattr(model, "_memory_rope", None)
+    if not isinstance(table, RopeTable):
+        table = RopeTable(model)
+        model._memory_rope = table  # type: ignore[assignment]
+    return table
+
+
+@torch.no_grad()
+def forward_rows(
+    model: LlamaModel,
+    plan: MemoryPlan,
+    states: Sequence[LlamaState],
+    tokens: Tensor,
+    banks: Sequence[MemoryBank | None],
+) -> tuple[Tensor, list[int], float]:
+    """Feed tokens (B, T) to B sessions (batched projections and MLPs, per-row attention and
+    bank searches); returns the last logits (B, vocab), entries retrieved per row, and the
+    seconds spent searching. T must not cross a multiple of ``plan.block`` for any row."""
+    B = tokens.shape[0]
+    kv = model.cfg.num_kv_heads
+    x = model.embed(tokens)
+    retrieved = [0] * B
+    searching = 0.0
+    new_k: list[list[Tensor]] = [[] for _ in range(B)]
+    new_v: list[list[Tensor]] = [[] for _ in range(B)]
+    memory_at = {layer: i for i, layer in enumerate(plan.layers)}
+    rope = _rope_table(model)
+    for li, layer in enumerate(model.layers):
+        q, k, v = layer.attention_inputs(x)
+        out = torch.empty_like(q)
+        for b in range(B):
+            mem = None
+            bank = banks[b]
+            if li in memory_at and bank is not None and len(bank) and plan.k:
+                began = time.perf_counter()
+                mem, n = _search(bank, q[b], memory_at[li] * kv, kv, plan.k)
+                searching += time.perf_counter() - began
+                retrieved[b] += n
+            out[b] = _attend_row(rope, plan, states[b], li, q[b], k[b], v[b], mem)
+            new_k[b].append(k[b])
+            new_v[b].append(v[b])
+        x = layer.finish(x, out)
+    logits = model.head(x[:, -1:])[:, 0]
+    for b in range(B):
+        _advance(plan, states[b], new_k[b], new_v[b], banks[b])
+    return logits, retrieved, searching

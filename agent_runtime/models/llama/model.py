@@ -1,0 +1,325 @@
+"""A Llama-architecture decoder (Llama, Qwen2, Mistral) in plain PyTorch, numerically matching
+``transformers`` and loading its checkpoints by name.
+
+``RMSNorm -> rope/apply_rope -> attend -> Attention -> MLP -> DecoderLayer -> LlamaModel``
+
+The forward pass is cut into pieces that a memory-augmented attention reuses unchanged:
+``embed`` -> per layer ``attention_inputs`` (pre-RoPE q, k, v), RoPE, any attention,
+``finish`` (output projection, residual, MLP) -> ``head``. :meth:`LlamaModel.forward` is the
+reference composition with plain causal attention over the whole sequence.
+
+Parameter names and shapes are exactly those of ``LlamaForCausalLM.state_dict()`` (tied
+checkpoints have no ``lm_head.weight``); :func:`expected_shapes` lists them for a config, so a
+converter (GGUF) can produce a state dict that :meth:`LlamaModel.from_state_dict` accepts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from agent_runtime.errors import CheckpointError
+from agent_runtime.models.llama.config import LlamaConfig
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "Decoder",
+    "DecoderLayer",
+    "LlamaModel",
+    "RMSNorm",
+    "apply_rope",
+    "attend",
+    "expected_shapes",
+    "rope_inv_freq",
+]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 and cast back before the weight, as
+    ``LlamaRMSNorm`` does: bf16 models then round at the same place as the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (rotate-half convention, as in the HF checkpoints' q/k layout)
+
+
+def rope_inv_freq(cfg: LlamaConfig, device: torch.device | None = None) -> Tensor:
+    """RoPE inverse frequencies (head_dim/2,) in float32, with the config's scaling applied.
+
+    The operations and their order follow ``transformers.modeling_rope_utils`` so the result
+    is bitwise the reference's.
+    """
+    dim = cfg.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: validate() guarantees these.
+    assert s.low_freq_factor is not None and s.high_freq_factor is not None
+    assert s.original_max_position_embeddings is not None
+    old_context = s.original_max_position_embeddings
+    low_freq_wavelen = old_context / s.low_freq_factor
+    high_freq_wavelen = old_context / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate q or k (B, T, H, D) by cos/sin (B, T, D) from :meth:`LlamaModel.rope`."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Softmax attention of q (B, T, H, D) over k, v (B, S, H_kv, D) -> (B, T, H, D).
+
+    Query head h reads key/value head ``h // (H / H_kv)`` (grouped-query attention, as
+    ``repeat_kv`` lays it out). ``mask`` is boolean, True where a query may see a key,
+    broadcastable to (B, H, T, S); None means causal with T == S. Scale 1/sqrt(D).
+    """
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=2)
+        v = v.repeat_interleave(groups, dim=2)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+    )
+    return y.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class Attention(nn.Module):
+    """The four projections of a self-attention block (named as in HF's ``self_attn``).
+
+    The attention itself is not here: :class:`DecoderLayer` runs it between
+    ``attention_inputs`` and ``finish`` so that it can be replaced.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``, split around the attention."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def attention_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-RoPE q (B, T, H, D), k and v (B, T, H_kv, D) of the layer input x (B, T, hidden)."""
+        B, T, _ = x.shape
+        h = self.input_layernorm(x)
+        a = self.self_attn
+        q = a.q_proj(h).view(B, T, self.num_heads, self.head_dim)
+        k = a.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        v = a.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def finish(self, x: Tensor, attn: Tensor) -> Tensor:
+        """The layer's output from its input x and the attention result attn (B, T, H, D)."""
+        x = x + self.self_attn.o_proj(attn.flatten(2))
+        y: Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return y
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Reference composition: RoPE on q and k, then :func:`attend` with ``mask``."""
+        q, k, v = self.attention_inputs(x)
+        return self.finish(x, attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask))
+
+
+class Decoder(nn.Module):
+    """Embedding, layers and final norm: the ``model.`` prefix of the HF parameter names."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the HF checkpoint for ``cfg`` and its shape, in module order."""
+    with torch.device("meta"):
+        return _shapes(LlamaModel(cfg))
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+class LlamaModel(nn.Module):
+    """Llama/Qwen2/Mistral causal LM; ``state_dict()`` keys equal ``*ForCausalLM``'s.
+
+    Built with random (default-initialised) weights; use :meth:`from_state_dict` for a checkpoint.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg  # valid: LlamaConfig validates on construction
+        self.model = Decoder(cfg)
+        self.lm_head: nn.Linear | None = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+
+    @classmethod
+    def from_state_dict(
+        cls, cfg: LlamaConfig, sd: Mapping[str, Tensor], dtype: torch.dtype = torch.float32
+    ) -> LlamaModel:
+        """The model with exactly the tensors of ``sd`` (HF names), cast to ``dtype``.
+
+        Names and shapes are checked strictly: a missing, unexpected or wrong-shaped tensor is a
+        :class:`CheckpointError` naming it. The module is built on the meta device and the
+        tensors are assigned, so no random weights are allocated first. The model is in eval mode.
+        """
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = _shapes(model)
+        missing = [name for name in expected if name not in sd]
+        unexpected = sorted(name for name in sd if name not in expected)
+        if missing or unexpected:
+            hint = (
+                " (tie_word_embeddings is set: a tied model has no lm_head.weight)"
+                if "lm_head.weight" in unexpected
+                else ""
+            )
+            raise CheckpointError(
+                f"checkpoint does not match the {cfg.model_type} config:"
+                f" missing {_names(missing)}, unexpected {_names(unexpected)}{hint}"
+            )
+        for name, shape in expected.items():
+            t = sd[name]
+            if tuple(t.shape) != shape:
+                raise CheckpointError(
+                    f"tensor {name} has shape {tuple(t.shape)}, the config needs {shape}"
+                )
+            if not t.is_floating_point():
+                raise CheckpointError(
+                    f"tensor {name} has dtype {t.dtype}; quantized tensors must be dequantized"
+                )
+        model.load_state_dict({name: sd[name].to(dtype) for name in expected}, assign=True)
+        return model.eval()
+
+    @property
+    def layers(self) -> Sequence[DecoderLayer]:
+        return cast("Sequence[DecoderLayer]", self.model.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def num_params(self) -> int:
+        """Parameter count; a tied head is counted once, with the embedding."""
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, T) -> hidden states (B, T, hidden)."""
+        return cast(Tensor, self.model.embed_tokens(tokens))
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, T, head_dim) in the model's dtype for absolute positions (B, T).
+
+        Angles are computed in float32 from float32 inverse frequencies, as the reference does,
+        so logits match it; the frequencies are recomputed per call (head_dim/2 values) rather
+        than kept in a buffer that ``.to(dtype)`` would round.
+        """
+        inv_freq = rope_inv_freq(self.cfg, positions.device)
+        freqs = positions[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm and output projection: hidden (B, T, hidden) -> logits (B, T, vocab)."""
+        h = self.model.norm(x)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab) of tokens (B, T) with full causal attention over the sequence.
+
+        ``positions`` (B, T) are the RoPE positions (default 0..T-1); the mask is causal in
+        sequence order whatever they are, as in the reference without a cache.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = self.rope(positions)
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.head(x)
+
+
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,141 @@
+"""The training-free kNN memory of pretrained decoders (agent_runtime.models.llama.memory)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent_runtime.errors import ConfigError
+from agent_runtime.models.llama.config import LlamaConfig
+from agent_runtime.models.llama.memory import LlamaState, MemoryPlan, forward_rows
+from agent_runtime.models.llama.model import LlamaModel
+from memory import MemoryBank, MemoryConfig
+
+CFG = LlamaConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
+
+
+def tiny_llama(seed: int = 0) -> LlamaModel:
+    torch.manual_seed(seed)
+    model = LlamaModel(CFG)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # far from identity: every path matters
+    return model.eval()
+
+
+def bank_for(plan: MemoryPlan, config: MemoryConfig | None = None) -> MemoryBank:
+    parts = max(1, len(plan.layers)) * CFG.num_kv_heads
+    d = parts * CFG.head_dim
+    return MemoryBank(d, d, config or MemoryConfig(), parts=parts)
+
+
+def new_state() -> LlamaState:
+    empty = torch.zeros(0, CFG.num_kv_heads, CFG.head_dim)
+    return LlamaState(k=[empty] * CFG.num_layers, v=[empty] * CFG.num_layers)
+
+
+def feed(
+    model: LlamaModel, plan: MemoryPlan, state: LlamaState, tokens: torch.Tensor, bank: MemoryBank
+) -> list[torch.Tensor]:
+    """Feed tokens (T,) in block-aligned chunks, then one at a time; logits after each chunk."""
+    out, i = [], 0
+    while i < tokens.shape[0]:
+        n = min(tokens.shape[0] - i, plan.block - state.position % plan.block)
+        n = 1 if i > tokens.shape[0] // 2 else n  # the second half as decode steps
+        logits, _, _ = forward_rows(model, plan, [state], tokens[None, i : i + n], [bank])
+        out.append(logits[0])
+        i += n
+    return out
+
+
+def test_exact_mode_reproduces_full_attention_far_past_the_window() -> None:
+    model = tiny_llama()
+    plan = MemoryPlan(layers=(0, 1, 2), window=16, block=8, k=10_000, exact=True)
+    bank = bank_for(plan)
+    state = new_state()
+    tokens = torch.randint(0, CFG.vocab_size, (120,), generator=torch.Generator().manual_seed(1))
+    got = feed(model, plan, state, tokens, bank)
+    assert len(bank) >= 120 - plan.window - plan.block  # most of the history is in the bank
+    with torch.no_grad():
+        full = model(tokens[None])[0]
+    ends, i = [], 0
+    for _ in got:  # the position after each fed chunk
+        n = min(120 - i, plan.block - i % plan.block)
+        n = 1 if i > 60 else n
+        i += n
+        ends.append(i - 1)
+    want = torch.stack([full[e] for e in ends])
+    torch.testing.assert_close(torch.stack(got), want, atol=1e-4, rtol=0)
+
+
+def test_without_memory_far_tokens_are_forgotten_and_with_it_they_are_not() -> None:
+    """The window alone differs from full attention once history leaves it; memory closes
+    most of the gap (exact mode closes all of it, tested above)."""
+    model = tiny_llama(2)
+    tokens = torch.randint(0, CFG.vocab_size, (96,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens[None])[0, -1]
+    errors = {}
+    for name, plan in {
+        "window": MemoryPlan(layers=(), window=16, block=8, k=0),
+        "memory": MemoryPlan(layers=(0, 1, 2), window=16, block=8, k=64),
+    }.items():
+        state = new_state()
+        errors[name] = float(
+            (feed(model, plan, state, tokens, bank_for(plan))[-1] - full).abs().max()
+        )
+    assert errors["memory"] < errors["window"] / 2, errors
+
+
+def test_retrieved_positions_stay_in_range_and_keep_order() -> None:
+    model = tiny_llama()
+    plan = MemoryPlan(layers=(1,), window=16, block=8, k=4)
+    bank = bank_for(plan)
+    state = new_state()
+    feed(model, plan, state, torch.randint(0, CFG.vocab_size, (300,)), bank)
+    # the bank holds true positions, and the window starts right after the last entry
+    ids = bank.live_ids()
+    assert state.position - state.cached == len(ids)
+    res = bank.search_parts(np.ones((2, 1, CFG.head_dim), np.float32), 4)
+    assert (
+        res.positions is not None
+        and (res.positions[res.mask] < state.position - state.cached).all()
+    )
+
+
+def test_batched_rows_equal_rows_alone() -> None:
+    model = tiny_llama()
+    plan = MemoryPlan(layers=(0, 2), window=16, block=8, k=4)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, CFG.vocab_size, (n,), generator=gen) for n in (40, 23, 70)]
+    alone, together = [], []
+    banks, states = [], []
+    for p in prompts:
+        state, bank = new_state(), bank_for(plan)
+        feed(model, plan, state, p, bank)
+        twin_state, twin_bank = new_state(), bank_for(plan)
+        feed(model, plan, twin_state, p, twin_bank)
+        states.append(state)
+        banks.append(bank)
+        logits, _, _ = forward_rows(model, plan, [twin_state], torch.tensor([[7]]), [twin_bank])
+        alone.append(logits[0])
+    logits, retrieved, _ = forward_rows(model, plan, states, torch.tensor([[7], [7], [7]]), banks)
+    together = list(logits)
+    torch.testing.assert_close(torch.stack(together), torch.stack(alone), atol=1e-5, rtol=0)
+    assert retrieved[2] > 0
+
+
+def test_plan_is_validated_by_setting_name() -> None:
+    with pytest.raises(ConfigError, match="memory_window"):
+        MemoryPlan(layers=(), window=20, block=8).validate(3)
+    with pytest.raises(ConfigError, match="memory_layers"):
+        MemoryPlan(layers=(3,)).validate(3)

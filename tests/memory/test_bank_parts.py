@@ -1,0 +1,84 @@
+"""A bank with parts: one entry per token for several heads, each head searched on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent_runtime.errors import BankFormatError, MemoryBankError
+from memory import MemoryBank, MemoryConfig
+
+P, D, DV = 3, 8, 4
+
+
+def _entries(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((n, P * D)).astype(np.float32),
+        rng.standard_normal((n, P * DV)).astype(np.float32),
+    )
+
+
+def test_each_part_answers_like_its_own_bank() -> None:
+    keys, values = _entries(200)
+    bank = MemoryBank(P * D, P * DV, parts=P)
+    bank.add(keys, values, np.arange(1000, 1200))
+    queries = np.random.default_rng(1).standard_normal((P, 5, D)).astype(np.float32)
+    got = bank.search_parts(queries, 7)
+    assert got.values.shape == (P, 5, 7, DV) and got.keys is not None and got.positions is not None
+    for p in range(P):
+        alone = MemoryBank(D, DV)
+        alone.add(keys[:, p * D : (p + 1) * D], values[:, p * DV : (p + 1) * DV])
+        want = alone.search(queries[p], 7)
+        np.testing.assert_array_equal(got.ids[p], want.ids)
+        np.testing.assert_allclose(got.scores[p], want.scores, rtol=1e-6)
+        np.testing.assert_array_equal(got.values[p], want.values)
+        np.testing.assert_array_equal(got.keys[p], keys[got.ids[p], p * D : (p + 1) * D])
+        np.testing.assert_array_equal(got.positions[p], 1000 + got.ids[p])
+    # a slice of the parts (one memory layer's heads) searches exactly those parts
+    tail = bank.search_parts(queries[1:], 7, first=1)
+    np.testing.assert_array_equal(tail.ids, got.ids[1:])
+
+
+def test_evicted_entries_leave_every_part() -> None:
+    keys, values = _entries(50)
+    bank = MemoryBank(P * D, P * DV, MemoryConfig(capacity=30), parts=P)
+    bank.add(keys[:30], values[:30])
+    bank.add(keys[30:], values[30:])  # evicts the 20 oldest (fifo)
+    res = bank.search_parts(np.ones((P, 2, D), np.float32), 30)
+    assert res.mask.all() and res.ids.min() >= 20
+
+
+def test_parts_survive_snapshot_log_and_state_dict(tmp_path: Path) -> None:
+    keys, values = _entries(64)
+    bank = MemoryBank.open(tmp_path / "b", P * D, P * DV, parts=P)
+    bank.add(keys[:40], values[:40])
+    bank.snapshot()
+    bank.add(keys[40:], values[40:])
+    queries = np.random.default_rng(2).standard_normal((P, 3, D)).astype(np.float32)
+    want = bank.search_parts(queries, 5)
+    bank.close()
+    again = MemoryBank.open(tmp_path / "b", P * D, P * DV, parts=P)
+    got = again.search_parts(queries, 5)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.values, want.values)
+    copy = MemoryBank(P * D, P * DV, parts=P)
+    copy.load_state_dict(again.state_dict())
+    np.testing.assert_array_equal(copy.search_parts(queries, 5).ids, want.ids)
+    again.close()
+    with pytest.raises(BankFormatError, match="parts"):
+        MemoryBank(P * D, P * DV).load_state_dict(copy.state_dict())
+
+
+def test_bad_shapes_are_refused_by_name() -> None:
+    with pytest.raises(MemoryBankError, match="parts must divide"):
+        MemoryBank(10, 4, parts=3)
+    bank = MemoryBank(P * D, P * DV, parts=P)
+    with pytest.raises(MemoryBankError, match="search_parts"):
+        bank.search(np.zeros((1, P * D), np.float32), 1)
+    with pytest.raises(MemoryBankError, match="exceed"):
+        bank.search_parts(np.zeros((2, 1, D), np.float32), 1, first=2)
+    with pytest.raises(MemoryBankError, match="shape"):
+        bank.search_parts(np.zeros((1, 1, D + 1), np.float32), 1)
