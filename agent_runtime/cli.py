@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 from agent_runtime import __version__
 from agent_runtime.config import RuntimeConfig, add_arguments, load_config, markdown_table
@@ -41,7 +42,7 @@ async def _serve(config: RuntimeConfig) -> None:
     from server.app import Server
 
     _check_port(config.server.host, config.server.port)  # before seconds of model loading
-    model = load_model(config.engine)
+    model = load_model(config.engine, Path(config.store.data_dir))
     started = time.perf_counter()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,6 +74,7 @@ TOOLS = {
     "eval": ("agent_runtime.training.evaluate:main", "evaluate recall and perplexity"),
     "tenants": ("privacy.cli:tenants_main", "add, list or revoke tenant API keys"),
     "audit": ("privacy.cli:audit_main", "privacy ledger report and audit-log verification"),
+    "models": ("agent_runtime.models.llama.registry:main", "list or fetch pretrained models"),
 }
 
 

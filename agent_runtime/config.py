@@ -137,7 +137,21 @@ class EngineConfig:
     """The inference engine: model checkpoint, device, batching."""
 
     checkpoint: str = ""
-    """Model checkpoint path; empty uses the checkpoint bundled with the package."""
+    """Byte-model checkpoint path; empty uses the checkpoint bundled with the package."""
+    model: str = field(default="", metadata={"alias": "--model"})
+    """Pretrained decoder to serve instead of the byte model: a registry name (``agent-runtime models list``), a GGUF file or a model directory."""
+    dtype: str = "float32"
+    """Weights and activations of a pretrained decoder: ``float32``, ``bfloat16`` or ``float16``."""
+    memory_layers: str = "all"
+    """Layers of a pretrained decoder that read and write the kNN memory: ``all``, ``none`` or indices (``4,8,12``)."""
+    memory_window: int = 512
+    """Tokens of local attention a pretrained decoder always keeps (a multiple of ``memory_block``)."""
+    memory_block: int = 64
+    """Tokens a pretrained decoder moves from its window to the bank at once."""
+    memory_k: int = 32
+    """Memories each query head of a pretrained decoder retrieves per token."""
+    memory_exact: bool = False
+    """Retrieved memories at their true positions (verification: with all layers and a large k it equals full attention)."""
     device: str = "cpu"
     """Torch device for the model (``cpu``, ``cuda``, ``cuda:1``)."""
     max_batch: int = 32
@@ -159,6 +173,43 @@ class EngineConfig:
         ConfigError.check_non_negative("engine.torch_threads", self.torch_threads)
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise ConfigError("engine.checkpoint", self.checkpoint, "no such file")
+        if self.checkpoint and self.model:
+            raise ConfigError("engine.model", self.model, "give either a model or a checkpoint")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError("engine.dtype", self.dtype, "must be float32, bfloat16 or float16")
+        self.memory_layer_indices(None)
+        ConfigError.check_positive("engine.memory_block", self.memory_block)
+        if self.memory_window < self.memory_block or self.memory_window % self.memory_block:
+            raise ConfigError(
+                "engine.memory_window",
+                self.memory_window,
+                "must be a multiple of engine.memory_block",
+            )
+        ConfigError.check_non_negative("engine.memory_k", self.memory_k)
+
+    def memory_layer_indices(self, num_layers: int | None) -> tuple[int, ...]:
+        """``memory_layers`` as indices (``num_layers`` None: syntax check only)."""
+        text = self.memory_layers.strip().lower()
+        if text == "all":
+            return tuple(range(num_layers or 0))
+        if text in ("none", ""):
+            return ()
+        try:
+            indices = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise ConfigError(
+                "engine.memory_layers",
+                self.memory_layers,
+                "must be all, none or layer indices like 4,8,12",
+            ) from None
+        if any(i < 0 or (num_layers is not None and i >= num_layers) for i in indices) or len(
+            set(indices)
+        ) != len(indices):
+            bound = f" below {num_layers}" if num_layers is not None else ""
+            raise ConfigError(
+                "engine.memory_layers", self.memory_layers, f"must be distinct indices >= 0{bound}"
+            )
+        return indices
 
 
 @dataclass
@@ -334,7 +385,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag, env = setting_names(section, f.name)
             kind = _scalar_type(cls, f.name)
             default = "(secret)" if f.metadata.get("secret") else repr(f.default)
+            alias = f.metadata.get("alias")
             group.add_argument(
+                *((alias,) if alias else ()),
                 flag,
                 dest=f"{section}.{f.name}",
                 default=None,

@@ -272,8 +272,8 @@ class PartitionedKeys(KeyIndex):
 
     def part_keys(self, part: int, rows: np.ndarray) -> np.ndarray:
         """Stored keys of ``rows`` (any shape) in one part, float32, shape ``rows.shape + (d,)``."""
-        matrix = self.indexes[part]._matrix()
-        return matrix[rows].astype(np.float32)
+        keys: np.ndarray = self.indexes[part]._matrix()[rows].astype(np.float32)
+        return keys
 
     def search(
         self,

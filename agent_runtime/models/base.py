@@ -75,6 +75,8 @@ class ChatModel(Protocol[S]):
     """Hash of everything that shapes bank contents; a bank written by another model is refused."""
     memory_dims: tuple[int, int]
     """(key_dim, value_dim) of one memory entry."""
+    memory_parts: int
+    """Heads an entry holds side by side (1: one key per token; see ``MemoryBank(parts=)``)."""
     block: int
     """Prefill granularity: a prompt is fed in chunks that never cross a multiple of ``block``."""
     end_token: int

@@ -135,7 +135,13 @@ class SessionManager:
         upto = saved.header.bank_position if saved is not None else None
         key_dim, value_dim = self.model.memory_dims
         bank = MemoryBank.open(
-            directory / BANK_DIR, key_dim, value_dim, self.memory, cipher=cipher, upto=upto
+            directory / BANK_DIR,
+            key_dim,
+            value_dim,
+            self.memory,
+            cipher=cipher,
+            upto=upto,
+            parts=self.model.memory_parts,
         )
         try:
             bank.meta.setdefault("model_fingerprint", self.fingerprint)

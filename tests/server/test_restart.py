@@ -7,13 +7,41 @@ import signal
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import pytest
+
 from agent_runtime.bench.launch import ServerProcess, serve_process
 from agent_runtime.models.byte.model import save_checkpoint
-from tests.conftest import TIMEOUT, Client, tiny_model
+from agent_runtime.models.llama.hf import save_hf_dir
+from tests.conftest import TIMEOUT, Client, tiny_llama_chat, tiny_model
+
+# the tiny Llama's memory plan, as serve flags
+LLAMA_FLAGS = (
+    "--engine-memory-window",
+    "16",
+    "--engine-memory-block",
+    "8",
+    "--engine-memory-k",
+    "4",
+)
 
 
-def serve(data: Path, checkpoint: Path) -> AbstractContextManager[ServerProcess]:
-    return serve_process(data, "--engine-checkpoint", str(checkpoint), timeout=TIMEOUT * 3)
+def model_args(tmp_path: Path, family: str) -> list[str]:
+    """Serve flags for a tiny model of ``family`` saved under ``tmp_path`` (once)."""
+    if family == "byte":
+        ckpt = tmp_path / "model.pt"
+        if not ckpt.exists():
+            save_checkpoint(ckpt, tiny_model(11))
+        return ["--engine-checkpoint", str(ckpt)]
+    directory = tmp_path / "llama"
+    if not directory.exists():
+        chat = tiny_llama_chat(11)
+        save_hf_dir(directory, chat.model.cfg, chat.model.state_dict())
+        chat.tokenizer.save(directory)
+    return ["--model", str(directory), *LLAMA_FLAGS]
+
+
+def serve(data: Path, args: list[str]) -> AbstractContextManager[ServerProcess]:
+    return serve_process(data, *args, timeout=TIMEOUT * 3)
 
 
 async def conversation(
@@ -41,11 +69,9 @@ async def conversation(
 
 
 def two_turns_with_restart(
-    tmp_path: Path, name: str, stop: signal.Signals | None
+    tmp_path: Path, name: str, stop: signal.Signals | None, family: str = "byte"
 ) -> tuple[str, str]:
-    ckpt = tmp_path / "model.pt"
-    if not ckpt.exists():
-        save_checkpoint(ckpt, tiny_model(11))
+    ckpt = model_args(tmp_path, family)
     data = tmp_path / name
     first = "My locker code is 7QK2ZP. " * 6
     with serve(data, ckpt) as server:
@@ -63,11 +89,14 @@ def two_turns_with_restart(
     return reply1, reply2
 
 
+@pytest.mark.parametrize("family", ["byte", "llama"])
 def test_conversation_resumes_identically_after_graceful_restart_and_after_kill_9(
-    tmp_path: Path,
+    tmp_path: Path, family: str
 ) -> None:
     """Greedy replies after a restart equal those of an uninterrupted server: the bank and the
-    rolling window state came back exactly (and a kill -9 loses nothing acknowledged)."""
-    baseline = two_turns_with_restart(tmp_path, "uninterrupted", None)
-    assert two_turns_with_restart(tmp_path, "sigterm", signal.SIGTERM) == baseline
-    assert two_turns_with_restart(tmp_path, "sigkill", signal.SIGKILL) == baseline
+    rolling window state came back exactly (and a kill -9 loses nothing acknowledged), for
+    the byte model and for a pretrained-family model served with ``--model``."""
+    baseline = two_turns_with_restart(tmp_path, "uninterrupted", None, family)
+    assert all(baseline), "both replies have text (else equality proves little)"
+    assert two_turns_with_restart(tmp_path, "sigterm", signal.SIGTERM, family) == baseline
+    assert two_turns_with_restart(tmp_path, "sigkill", signal.SIGKILL, family) == baseline

@@ -31,6 +31,7 @@ class ByteChatModel:
         self.device = next(model.parameters()).device
         self.fingerprint = model.cfg.fingerprint()
         self.memory_dims = model.memory_dims
+        self.memory_parts = 1
         self.block = model.cfg.window
         self.end_token = END
         self.reply_prefix: tuple[int, ...] = (ASSISTANT,)

@@ -1,0 +1,232 @@
+"""Pretrained Llama-family decoders behind the model seam (:class:`agent_runtime.models.base.ChatModel`).
+
+A :class:`LlamaChatModel` is a :class:`LlamaModel`, its tokenizer and chat template, and a
+:class:`MemoryPlan` (:mod:`agent_runtime.models.llama.memory`). Turns are encoded exactly as
+the model's own chat template renders them; a reply ends with the template's turn terminator
+(``<|im_end|>`` for ChatML templates), after which the text the template puts between turns
+is fed too, so the conversation the model sees is the one it was tuned on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from agent_runtime.errors import CheckpointError
+from agent_runtime.models.base import StepStats, TextStream
+from agent_runtime.models.llama.memory import LlamaState, MemoryPlan, forward_rows
+from agent_runtime.models.llama.model import LlamaModel
+from agent_runtime.models.llama.tokenizer import ChatTokenizer
+from memory import MemoryBank
+
+__all__ = ["LlamaChatModel"]
+
+_STATE_VERSION = 1
+
+
+class LlamaChatModel:
+    """A pretrained decoder with a training-free kNN memory, as the engine drives it."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: ChatTokenizer,
+        plan: MemoryPlan,
+        *,
+        source: str = "random weights",
+        weights_id: str = "",
+    ) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.plan = plan.validate(cfg.num_layers)
+        self.source = source
+        self.device = model.model.embed_tokens.weight.device
+        if not weights_id:
+            digest = hashlib.sha256()
+            for t in model.state_dict().values():
+                digest.update(t.detach().cpu().float().numpy().tobytes())
+            weights_id = digest.hexdigest()[:12]
+        self.weights_id = weights_id
+        kv, d = cfg.num_kv_heads, cfg.head_dim
+        parts = max(1, len(self.plan.layers)) * kv
+        self.memory_dims = (parts * d, parts * d)
+        self.memory_parts = parts
+        # what shapes bank entries: the weights and which layers' keys/values they hold
+        layout = f"{cfg.fingerprint()}:{weights_id}:{self.plan.layers}:{_STATE_VERSION}"
+        self.fingerprint = hashlib.sha256(layout.encode()).hexdigest()[:16]
+        self.block = self.plan.block
+        end = tokenizer.end_ids
+        if not end:
+            raise CheckpointError("the chat template has no token that ends an assistant turn")
+        self.end_token = end[0]
+        self.reply_prefix = tuple(tokenizer.encode(tokenizer.generation_prefix()))
+        self._after_end = (
+            tokenizer.encode(tokenizer.after_end_text) if tokenizer.after_end_text else []
+        )
+        # A reply may contain any ordinary token and its terminator, never another special one.
+        vocab = cfg.vocab_size
+        self.reply_mask = torch.zeros(vocab, device=self.device)
+        for token in tokenizer.special_ids:
+            if token < vocab and token != self.end_token:
+                self.reply_mask[token] = float("-inf")
+        self._preamble, self._system_opening = self._conversation_start()
+
+    def _conversation_start(self) -> tuple[list[int], list[int]]:
+        """(what the template writes before a conversation's first message when that message
+        is not a system one, e.g. a default system prompt; the tokens that open a system turn).
+
+        Derived by rendering, so it holds for any template: the first turn's text minus the
+        same turn's text later in a conversation.
+        """
+        tok = self.tokenizer
+        first, later = (
+            tok.turn_text("user", "x", first=True),
+            tok.turn_text("user", "x", first=False),
+        )
+        preamble = first[: len(first) - len(later)] if first.endswith(later) else ""
+        a = tok.encode(tok.turn_text("system", "a", first=False))
+        b = tok.encode(tok.turn_text("system", "b", first=False))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return tok.encode(preamble) if preamble else [], a[:n]
+
+    def with_plan(self, plan: MemoryPlan) -> LlamaChatModel:
+        """The same weights and tokenizer under another memory plan (evaluation modes)."""
+        return LlamaChatModel(
+            self.model, self.tokenizer, plan, source=self.source, weights_id=self.weights_id
+        )
+
+    def describe(self) -> str:
+        cfg, plan = self.model.cfg, self.plan
+        layers = "all" if len(plan.layers) == cfg.num_layers else ",".join(map(str, plan.layers))
+        return (
+            f"{cfg.model_type} {self.weights_id} ({self.model.num_params() / 1e6:.0f}M parameters, "
+            f"{cfg.num_layers} layers; memory layers {layers or 'none'}, window {plan.window}, "
+            f"k {plan.k}{', exact' if plan.exact else ''}) from {self.source}"
+        )
+
+    # -- chat format --------------------------------------------------------------------------
+
+    def encode_turn(self, role: str, text: str) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.turn_text(role, text, first=False))
+
+    def text_stream(self) -> TextStream:
+        return self.tokenizer.stream()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def new_state(self) -> LlamaState:
+        cfg = self.model.cfg
+        empty = torch.zeros(
+            0, cfg.num_kv_heads, cfg.head_dim, dtype=self.model.dtype, device=self.device
+        )
+        return LlamaState(k=[empty] * cfg.num_layers, v=[empty] * cfg.num_layers)
+
+    def save_state(self, state: LlamaState) -> bytes:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "version": _STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "k": torch.stack(state.k).cpu() if state.k else None,
+                "v": torch.stack(state.v).cpu() if state.v else None,
+                "position": state.position,
+                "written": state.written,
+                "memory_stopped": state.memory_stopped,
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+    def load_state(self, blob: bytes) -> LlamaState:
+        try:
+            sd = torch.load(io.BytesIO(blob), weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt or foreign files
+            raise CheckpointError(f"generation state is not readable: {exc}") from exc
+        if not isinstance(sd, dict) or sd.get("version") != _STATE_VERSION:
+            raise CheckpointError("generation state is not a Llama-family state of this version")
+        if sd.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"generation state was written by model {sd.get('fingerprint')}, not {self.fingerprint}"
+            )
+        cfg = self.model.cfg
+        k, v = sd.get("k"), sd.get("v")
+        position, written = sd.get("position"), sd.get("written")
+        shape_ok = (
+            isinstance(k, Tensor)
+            and isinstance(v, Tensor)
+            and k.shape == v.shape
+            and k.dim() == 4
+            and tuple(k.shape[i] for i in (0, 2, 3))
+            == (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        )
+        if not shape_ok or not isinstance(position, int) or not isinstance(written, int):
+            raise CheckpointError("generation state has the wrong shapes for this model")
+        assert isinstance(k, Tensor) and isinstance(v, Tensor)
+        if k.shape[1] > position or k.shape[1] >= self.plan.window + self.plan.block:
+            raise CheckpointError("generation state's window does not fit its position")
+        stopped = sd.get("memory_stopped")
+        dt = self.model.dtype
+        return LlamaState(
+            k=list(k.to(self.device, dt).unbind(0)),
+            v=list(v.to(self.device, dt).unbind(0)),
+            position=position,
+            written=written,
+            memory_stopped=stopped if isinstance(stopped, str) else None,
+        )
+
+    def checkpoint(self, state: LlamaState) -> LlamaState:
+        # Window tensors are replaced, never changed in place, so lists of the same tensors
+        # are a full checkpoint.
+        clone = copy.copy(state)
+        clone.k = list(state.k)
+        clone.v = list(state.v)
+        clone.recent_ids = list(state.recent_ids)
+        return clone
+
+    def restore(self, state: LlamaState, checkpoint: LlamaState) -> None:
+        state.k = list(checkpoint.k)
+        state.v = list(checkpoint.v)
+        state.position = checkpoint.position
+        state.written = checkpoint.written
+        state.recent_ids = list(checkpoint.recent_ids)
+        state.memory_stopped = checkpoint.memory_stopped
+
+    # -- compute (worker thread) --------------------------------------------------------------
+
+    def prefill(
+        self, state: LlamaState, tokens: Sequence[int], bank: MemoryBank | None
+    ) -> Tensor | None:
+        tokens = list(tokens)
+        opening = self._system_opening
+        if state.position == 0 and tokens[: len(opening)] != opening:
+            tokens = [*self._preamble, *tokens]  # the template's default system prompt
+        if tokens and tokens[-1] == self.end_token:
+            tokens += self._after_end  # the text between turns, as the template writes it
+        logits: Tensor | None = None
+        block = self.plan.block
+        i = 0
+        while i < len(tokens):
+            n = min(len(tokens) - i, block - state.position % block)
+            idx = torch.tensor([tokens[i : i + n]], dtype=torch.long, device=self.device)
+            out, _, _ = forward_rows(self.model, self.plan, [state], idx, [bank])
+            logits = out[0]
+            i += n
+        return logits
+
+    def decode(
+        self,
+        states: Sequence[LlamaState],
+        tokens: Sequence[int],
+        banks: Sequence[MemoryBank | None],
+    ) -> tuple[Tensor, StepStats]:
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        logits, retrieved, seconds = forward_rows(self.model, self.plan, states, idx, banks)
+        return logits, StepStats(retrieved, seconds)
