@@ -216,6 +216,7 @@ class ResponseCreate(ClientEvent):
     seed: int | None = None
     commit_on_cancel: bool = False
     min_tokens: int = 0  # END is suppressed until this many tokens (benchmarks, like vLLM's)
+    prefix: str = ""  # the reply starts with this text (assistant prefill); deltas continue it
 
 
 @dataclass
@@ -314,6 +315,7 @@ CLIENT_EVENTS: dict[str, dict[str, tuple[str, ...]]] = {
             "stop",
             "seed",
             "commit_on_cancel",
+            "prefix",
         )
     },
     "response.cancel": {"response_id": ()},
@@ -323,6 +325,7 @@ CLIENT_EVENTS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 MAX_STOP_SEQUENCES = 4
+MAX_PREFIX_CHARS = 1024
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # as agent_runtime.layout checks it
 
 
@@ -373,8 +376,12 @@ def parse_client_event(raw: object, *, max_message_chars: int) -> ClientEvent:
                 "stop",
                 f"must be at most {MAX_STOP_SEQUENCES} non-empty strings of <= 64 characters",
             )
+        prefix = resp.get("prefix", str, "")
+        if len(prefix) > MAX_PREFIX_CHARS:
+            raise resp.fail("prefix", f"is longer than {MAX_PREFIX_CHARS} characters")
         return ResponseCreate(
             event_id,
+            prefix=prefix,
             max_tokens=resp.integer("max_tokens", 1, 1_000_000),
             min_tokens=resp.integer("min_tokens", 0, 1_000_000) or 0,
             temperature=resp.number("temperature", 0.0, 10.0),

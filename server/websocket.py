@@ -202,7 +202,7 @@ class Connection:
             seed=event.seed,
         )
         await self.sessions.start_response(
-            session, p.new_id("resp"), params, event.commit_on_cancel
+            session, p.new_id("resp"), params, event.commit_on_cancel, prefix=event.prefix
         )
 
     async def on_response_cancel(self, event: p.ResponseCancel) -> None:

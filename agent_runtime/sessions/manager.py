@@ -335,13 +335,21 @@ class SessionManager:
         response_id: str,
         params: SamplingParams,
         commit_on_cancel: bool = False,
+        *,
+        prefix: str = "",
     ) -> None:
-        """Admit a response for the session's pending items and stream it in a session-owned task."""
+        """Admit a response for the session's pending items and stream it in a session-owned task.
+
+        ``prefix`` is text the reply starts with (fed after the reply's opening tokens; the
+        streamed deltas continue it and do not repeat it).
+        """
         if session.responding:
             raise ConflictError(
                 "a response is already active on this session", code="response_in_progress"
             )
         prompt = [*session.pending, *self.model.reply_prefix]
+        if prefix:
+            prompt += self.model.encode_text(prefix)
         gen = self.engine.generation(
             session.state, session.bank, prompt, params, commit_on_cancel=commit_on_cancel
         )

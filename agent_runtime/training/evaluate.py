@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from agent_runtime.config import positive_int, token_counts
+from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.models.byte import BUNDLED_CHECKPOINT
 from agent_runtime.models.byte.generation import GenerationState, decode_step, prefill
 from agent_runtime.models.byte.model import MemorizingTransformer, Retrieval, load_checkpoint
@@ -247,9 +248,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--threads", type=int, default=0)
+    pretrained = parser.add_argument_group(
+        "pretrained decoders (recall only; see agent_runtime.training.chat_eval)"
+    )
+    pretrained.add_argument(
+        "--model", default="", help="registry name, GGUF file or model directory to evaluate"
+    )
+    pretrained.add_argument(
+        "--data-dir", type=Path, default=None, help="model and corpus cache (default: serve's)"
+    )
+    pretrained.add_argument(
+        "--memory-layers", default="all", help="as serve's --engine-memory-layers"
+    )
+    pretrained.add_argument("--memory-k", type=int, default=32, help="as --engine-memory-k")
+    pretrained.add_argument(
+        "--memory-window", type=int, default=512, help="as --engine-memory-window"
+    )
+    pretrained.add_argument(
+        "--modes", default="memory,window,full", help="memory, window (no memory), full (ceiling)"
+    )
+    pretrained.add_argument("--forms", default="prefix,chat", help="question forms: prefix, chat")
+    pretrained.add_argument(
+        "--corrections", action="store_true", help="restate each fact with a new value halfway"
+    )
+    pretrained.add_argument("--seed", type=int, default=0, help="probe seed")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        return _pretrained_recall(args)
     model = load_eval_model(args.checkpoint)
     if args.task == "recall":
         rows = eval_recall(model, args.distances, args.n)
@@ -275,6 +302,41 @@ def main(argv: list[str] | None = None) -> int:
             docs = [d.tokens for d in synthetic]
             masks = [[w > 1.0 for w in d.weights] for d in synthetic]
         rows = eval_ppl(model, docs, args.memory_sizes, masks)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _pretrained_recall(args: argparse.Namespace) -> int:
+    from agent_runtime.config import EngineConfig
+    from agent_runtime.models.llama.registry import default_data_dir
+    from agent_runtime.models.loader import load_model
+    from agent_runtime.training.chat_eval import chitchat_lines, run_recall
+
+    if args.task != "recall":
+        raise AgentRuntimeError("--model evaluates recall only (eval recall --model NAME)")
+    engine = EngineConfig(
+        model=args.model,
+        memory_layers=args.memory_layers,
+        memory_k=args.memory_k,
+        memory_window=args.memory_window,
+    )
+    engine.validate()
+    data_dir = args.data_dir or default_data_dir()
+    chat = load_model(engine, data_dir)
+    lines = chitchat_lines(data_dir)
+    rows = run_recall(
+        chat,  # type: ignore[arg-type]
+        lines,
+        args.distances,
+        args.n,
+        modes=[m.strip() for m in args.modes.split(",")],
+        forms=[f.strip() for f in args.forms.split(",")],
+        corrections=args.corrections,
+        seed=args.seed,
+        out=sys.stdout,
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

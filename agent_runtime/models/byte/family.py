@@ -16,7 +16,7 @@ from agent_runtime.models.base import StepStats
 from agent_runtime.models.byte import generation
 from agent_runtime.models.byte.generation import GenerationState
 from agent_runtime.models.byte.model import MemorizingTransformer
-from agent_runtime.models.byte.tokenizer import ASSISTANT, END, Utf8Stream, encode_turn
+from agent_runtime.models.byte.tokenizer import ASSISTANT, END, Utf8Stream, encode, encode_turn
 from memory import MemoryBank
 
 __all__ = ["ByteChatModel"]
@@ -54,6 +54,9 @@ class ByteChatModel:
 
     def encode_turn(self, role: str, text: str) -> list[int]:
         return encode_turn(role, text)
+
+    def encode_text(self, text: str) -> list[int]:
+        return encode(text)
 
     def text_stream(self) -> Utf8Stream:
         return Utf8Stream()

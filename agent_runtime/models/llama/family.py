@@ -117,6 +117,9 @@ class LlamaChatModel:
     def encode_turn(self, role: str, text: str) -> list[int]:
         return self.tokenizer.encode(self.tokenizer.turn_text(role, text, first=False))
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
     def text_stream(self) -> TextStream:
         return self.tokenizer.stream()
 
