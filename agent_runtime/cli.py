@@ -67,6 +67,7 @@ BENCHES = {
     "serve": "agent_runtime.bench.serve:main",
     "privacy": "agent_runtime.bench.privacy:main",
     "faults": "agent_runtime.bench.faults:main",
+    "model": "agent_runtime.bench.model:main",
 }
 TOOLS = {
     "chat": ("agent_runtime.client.chat:main", "terminal chat client"),

@@ -118,7 +118,9 @@ class Server:
         self.errors = r.counter(
             "agent_runtime_client_errors_total", "Error events sent to clients."
         )
-        self.http = HttpRoutes(self.auth, self.audit, r, self._is_ready, lambda: self._closing)
+        self.http = HttpRoutes(
+            self.auth, self.audit, r, self._is_ready, lambda: self._closing, model.card
+        )
         self.websocket = WebsocketEndpoint(
             config, self.sessions, self.http.tenant_of, self.errors, self.spawn
         )

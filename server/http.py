@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable
+from html import escape as html_escape
 from http import HTTPStatus
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class HttpRoutes:
         registry: Registry,
         ready: Callable[[], Awaitable[bool]],
         closing: Callable[[], bool],
+        about: str = "",
     ) -> None:
         self.auth = auth
         self.audit = audit
@@ -54,6 +56,11 @@ class HttpRoutes:
         self.tenant_of: dict[ServerConnection, str] = {}  # vetted upgrades, read by the handler
         index = STATIC / "index.html"
         html = index.read_text(encoding="utf-8") if index.exists() else None
+        if html is not None and about:  # the served model's card, in one paragraph
+            start, end = html.find('<p id="about">'), html.find("</p>", html.find('<p id="about">'))
+            if start >= 0 and end > start:
+                paragraph = f'<p id="about">{html_escape(about)}'
+                html = html[:start] + paragraph + html[end:]
         self.page = (html, page_csp(html)) if html is not None else None
 
     async def __call__(self, conn: ServerConnection, request: Request) -> Response | None:

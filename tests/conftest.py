@@ -149,58 +149,8 @@ def config(tmp_path: Path) -> RuntimeConfig:
     return make_config(tmp_path)
 
 
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a test model.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def tiny_chat_tokenizer() -> Any:
-    """A small byte-level BPE with ChatML special tokens (trained here in milliseconds)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from agent_runtime.models.llama.tokenizer import ChatTokenizer
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["hello there, my name is Priya and the code is 4711."] * 10, trainer)
-    return ChatTokenizer(
-        tok, CHATML, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, "tiny test tokenizer"
-    )
-
-
 def tiny_llama_chat(seed: int = 0, **plan: Any) -> Any:
     """A random 2-layer Llama behind the model seam, its memory on both layers."""
-    from agent_runtime.models.llama.config import LlamaConfig
-    from agent_runtime.models.llama.family import LlamaChatModel
-    from agent_runtime.models.llama.memory import MemoryPlan
-    from agent_runtime.models.llama.model import LlamaModel
+    from agent_runtime.models.llama.family import tiny_random
 
-    cfg = LlamaConfig(
-        vocab_size=304,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    settings: dict[str, Any] = {"layers": (0, 1), "window": 16, "block": 8, "k": 4, **plan}
-    return LlamaChatModel(model.eval(), tiny_chat_tokenizer(), MemoryPlan(**settings))
+    return tiny_random(seed, **plan)

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
 ]
 # Above the model seam nothing imports a model family's own modules (only agent_runtime.models).
 ABOVE_SEAM = ("agent_runtime.engine", "agent_runtime.sessions", "server", "agent_runtime.client")
-FAMILIES = ("agent_runtime.models.byte",)
+FAMILIES = ("agent_runtime.models.byte", "agent_runtime.models.llama")
 
 
 def module_files() -> dict[str, Path]:

@@ -455,11 +455,13 @@ class AgentClient:
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         commit_on_cancel: bool | None = None,
+        prefix: str | None = None,
     ) -> Response:
         """A streaming response to ``text`` (a new ``role`` message; None: to the items so far).
 
-        Unset sampling parameters take the server's defaults. The returned :class:`Response`
-        sends its events when first iterated.
+        Unset sampling parameters take the server's defaults. ``prefix`` is text the reply
+        starts with (the stream continues it). The returned :class:`Response` sends its events
+        when first iterated.
         """
         self._require_session()
         current = self._response
@@ -472,6 +474,7 @@ class AgentClient:
             ("top_p", top_p),
             ("seed", seed),
             ("commit_on_cancel", commit_on_cancel),
+            ("prefix", prefix),
         ):
             if value is not None:
                 params[name] = value

@@ -76,6 +76,8 @@ class ChatModel(Protocol[S]):
     memory_dims: tuple[int, int]
     """(key_dim, value_dim) of one memory entry."""
     memory_parts: int
+    card: str
+    """What the model can and cannot do, in a sentence or two (shown on the web page)."""
     """Heads an entry holds side by side (1: one key per token; see ``MemoryBank(parts=)``)."""
     block: int
     """Prefill granularity: a prompt is fed in chunks that never cross a multiple of ``block``."""

@@ -114,3 +114,14 @@ async def test_smollm2_recalls_a_fact_from_beyond_its_window_through_memory(tmp_
         stats, _ = await c.until("memory.stats")
     assert stats["memory"]["entries"] > 1000, "the fact left the window long ago"
     assert "7316" in reply, (sid, reply, done["response"]["status"])
+
+
+async def test_the_web_page_describes_the_model_it_serves(config: RuntimeConfig) -> None:
+    import urllib.request
+
+    async with running_server(config, tiny_llama_chat(7)) as server:
+        url = f"http://127.0.0.1:{server.port}/"
+        html = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=TIMEOUT).read())
+    about = html.decode().split('<p id="about">', 1)[1].split("</p>", 1)[0]
+    assert "pretrained chat model" in about and "window" in about
+    assert "bundled" not in about

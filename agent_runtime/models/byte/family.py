@@ -43,6 +43,12 @@ class ByteChatModel:
         for t in model.state_dict().values():
             digest.update(t.detach().cpu().numpy().tobytes())
         self.weights_id = digest.hexdigest()[:12]
+        self.card = (
+            "The bundled byte model is a 1.2 M-parameter demonstration trained on synthetic chats:"
+            " it recalls facts told in its trained phrasings (“Remember this: my locker code is"
+            " 7QK2ZP.” … “What was my locker code again?”) thousands of tokens later, and is not a"
+            " general chatbot. See docs/model-card.md."
+        )
 
     def describe(self) -> str:
         return (

@@ -76,6 +76,13 @@ class LlamaChatModel:
             if token < vocab and token != self.end_token:
                 self.reply_mask[token] = float("-inf")
         self._preamble, self._system_opening = self._conversation_start()
+        self.card = (
+            f"{source}: a {model.num_params() / 1e6:.0f} M-parameter pretrained chat model (its own"
+            " knowledge is small and often wrong) with a kNN memory of this conversation beyond its"
+            f" {self.plan.window}-token window. It recalls facts you told it thousands of tokens"
+            " ago best when the reply is started for it (an answer prefix, e.g. “Your locker code"
+            " is”); asked plainly, a small model often refuses. See docs/models.md."
+        )
 
     def _conversation_start(self) -> tuple[list[int], list[int]]:
         """(what the template writes before a conversation's first message when that message
@@ -192,6 +199,7 @@ class LlamaChatModel:
         clone.k = list(state.k)
         clone.v = list(state.v)
         clone.recent_ids = list(state.recent_ids)
+        clone.rotated = {}
         return clone
 
     def restore(self, state: LlamaState, checkpoint: LlamaState) -> None:
@@ -201,6 +209,7 @@ class LlamaChatModel:
         state.written = checkpoint.written
         state.recent_ids = list(checkpoint.recent_ids)
         state.memory_stopped = checkpoint.memory_stopped
+        state.rotated = {}
 
     # -- compute (worker thread) --------------------------------------------------------------
 
@@ -233,3 +242,30 @@ class LlamaChatModel:
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         logits, retrieved, seconds = forward_rows(self.model, self.plan, states, idx, banks)
         return logits, StepStats(retrieved, seconds)
+
+
+def tiny_random(seed: int = 0, **plan: object) -> LlamaChatModel:
+    """A random 2-layer Llama with a small BPE and ChatML, memory on both layers (window 16):
+    every path of the family in milliseconds (tests, ``bench model --quick``)."""
+    from agent_runtime.models.llama.config import LlamaConfig
+    from agent_runtime.models.llama.tokenizer import small_chatml_tokenizer
+
+    cfg = LlamaConfig(
+        vocab_size=304,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)  # far from identity, so every path changes the logits
+    settings: dict[str, object] = {"layers": (0, 1), "window": 16, "block": 8, "k": 4, **plan}
+    tokenizer = small_chatml_tokenizer(["hello there, my name is Priya and the code is 4711."] * 10)
+    return LlamaChatModel(model.eval(), tokenizer, MemoryPlan(**settings))  # type: ignore[arg-type]

@@ -89,6 +89,9 @@ class LlamaState:
     recent_ids: list[np.ndarray] = field(default_factory=list)
     protect: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
     memory_stopped: str | None = None
+    rotated: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict, repr=False)
+    """Per layer: (the window tensor ``k[layer]`` it was made from, frame shift, its keys with
+    RoPE applied): a derived cache, valid only while that exact tensor is the window; never saved."""
 
     @property
     def cached(self) -> int:
@@ -177,7 +180,14 @@ def _attend_row(
     q_pos = torch.arange(state.position, state.position + T, device=dev) - shift
     k_pos = torch.arange(start, state.position + T, device=dev) - shift
     q_r = rope.at(q, q_pos[:, None].expand(T, H))
-    k_r = rope.at(keys, k_pos[:, None].expand(C + T, kv))
+    # The frame moves only when a block leaves the window, so the window's rotated keys are
+    # reused step to step and only the new keys are rotated.
+    hit = state.rotated.get(layer)
+    if C and hit is not None and hit[0] is state.k[layer] and hit[1] == shift:
+        k_r = torch.cat([hit[2], rope.at(k, k_pos[C:, None].expand(T, kv))])
+    else:
+        k_r = rope.at(keys, k_pos[:, None].expand(C + T, kv))
+    state.rotated[layer] = (keys, shift, k_r)  # re-keyed to the new window tensor by _advance
     qg = q_r.view(T, kv, g, D).permute(1, 2, 0, 3).float()  # (kv, g, T, D)
     scale = 1.0 / math.sqrt(D)
     win = torch.einsum("hgtd,shd->hgts", qg, k_r.float()) * scale  # (kv, g, T, C+T)
@@ -208,7 +218,11 @@ def _advance(
     plan: MemoryPlan, state: LlamaState, ks: list[Tensor], vs: list[Tensor], bank: MemoryBank | None
 ) -> None:
     """Append a row's new keys/values to its window; move full blocks to the bank."""
-    state.k = [torch.cat([old, new]) for old, new in zip(state.k, ks, strict=True)]
+    windows = [state.rotated[i][0] if i in state.rotated else None for i in range(len(ks))]
+    state.k = [
+        w if w is not None and w.shape[0] == old.shape[0] + new.shape[0] else torch.cat([old, new])
+        for w, old, new in zip(windows, state.k, ks, strict=True)
+    ]
     state.v = [torch.cat([old, new]) for old, new in zip(state.v, vs, strict=True)]
     state.position += ks[0].shape[0]
     while state.cached >= plan.window + plan.block:

@@ -1,0 +1,219 @@
+"""``agent-runtime bench model``: a pretrained decoder's speed with its kNN memory, side by side.
+
+In-process, through the model seam (what the engine calls), one run compares:
+
+* **decode** tokens/s of one session with a bank of 0, 16K and 64K entries (``--bank-sizes``),
+  and the ratio to the empty bank: what the memory costs per token as it grows;
+* **batching**: tokens/s of B sessions decoded together vs one (``--batch``), each with its
+  own bank of ``--batch-bank`` entries: batched matrix products must pay off;
+* **prefill** tokens/s of a prompt fed in block-aligned chunks (one memory write per block);
+* **bytes per stored token** of the bank for each ``--memory-layers`` choice and key/value
+  storage (fp32, fp16), the figure that decides how long a conversation fits in RAM.
+
+Banks are filled with random entries of the model's dims (a search costs the same whatever
+the keys hold); the window is full, as in a long conversation. ``--quick`` runs a random
+tiny Llama (CI); a real run takes ``--model`` (default ``smollm2-135m-instruct``, pulled once).
+Speeds are medians of ``--repeats`` timed rounds after one warm-up; compare ratios, not
+absolute figures, on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent_runtime.config import EngineConfig, token_counts
+
+__all__ = ["main"]
+
+
+def _bank(chat: Any, entries: int, storage: str, seed: int) -> Any:
+    from memory import MemoryBank, MemoryConfig
+
+    config = MemoryConfig(flat_storage=storage, value_storage=storage, index="flat")
+    key_dim, value_dim = chat.memory_dims
+    bank = MemoryBank(key_dim, value_dim, config, parts=chat.memory_parts)
+    rng = np.random.default_rng(seed)
+    for start in range(0, entries, 4096):
+        n = min(4096, entries - start)
+        bank.add(
+            rng.standard_normal((n, key_dim), dtype=np.float32),
+            rng.standard_normal((n, value_dim), dtype=np.float32) * 0.1,
+            np.arange(start, start + n),
+        )
+    return bank
+
+
+def _full_window_state(chat: Any, position: int, seed: int) -> Any:
+    cfg, plan = chat.model.cfg, chat.plan
+    gen = torch.Generator().manual_seed(seed)
+    state = chat.new_state()
+    shape = (plan.window, cfg.num_kv_heads, cfg.head_dim)
+    dtype = chat.model.dtype
+    state.k = [torch.randn(shape, generator=gen).to(dtype) for _ in range(cfg.num_layers)]
+    state.v = [torch.randn(shape, generator=gen).to(dtype) for _ in range(cfg.num_layers)]
+    state.position = position + plan.window
+    return state
+
+
+def _decode_rate(chat: Any, banks: list[Any], steps: int, repeats: int) -> float:
+    """Tokens/s of ``len(banks)`` sessions decoded together (median of ``repeats`` rounds)."""
+    states = [_full_window_state(chat, len(b), i) for i, b in enumerate(banks)]
+    tokens = [11] * len(banks)
+    chat.decode(states, tokens, banks)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(steps):
+            chat.decode(states, tokens, banks)
+        rates.append(len(banks) * steps / (time.perf_counter() - started))
+        for s in states:  # stay below the next block boundary: no writes in the timing
+            s.position -= steps
+            s.k = [t[:-steps] for t in s.k]
+            s.v = [t[:-steps] for t in s.v]
+    return statistics.median(rates)
+
+
+def _prefill_rate(chat: Any, tokens: int, repeats: int) -> float:
+    rates = []
+    for r in range(repeats + 1):
+        bank = _bank(chat, 0, "fp32", r)
+        state = chat.new_state()
+        prompt = [11 + (i % 200) for i in range(tokens)]
+        started = time.perf_counter()
+        chat.prefill(state, prompt, bank)
+        if r:  # the first round warms up
+            rates.append(tokens / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    if args.quick and not args.model:
+        from agent_runtime.models.llama.family import tiny_random
+
+        return tiny_random(0)
+    from agent_runtime.models.llama.registry import default_data_dir
+    from agent_runtime.models.loader import load_model
+
+    engine = EngineConfig(
+        model=args.model or "smollm2-135m-instruct",
+        memory_layers=args.memory_layers[0],
+        memory_k=args.memory_k,
+        memory_window=args.memory_window,
+        device=args.device,
+    )
+    engine.validate()
+    return load_model(engine, args.data_dir or default_data_dir())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent-runtime bench model", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", default="", help="registry name, GGUF file or model directory")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="model cache (default: serve's)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny random model, small sizes (CI)"
+    )
+    parser.add_argument("--bank-sizes", type=token_counts, default=None, help="default 0,16k,64k")
+    parser.add_argument("--batch", type=int, default=8, help="sessions decoded together")
+    parser.add_argument(
+        "--batch-bank", type=token_counts, default=None, help="entries per batched bank"
+    )
+    parser.add_argument(
+        "--memory-layers",
+        nargs="+",
+        default=["all"],
+        help="layer choices to compare for bytes per token (the first is timed)",
+    )
+    parser.add_argument("--memory-k", type=int, default=32)
+    parser.add_argument("--memory-window", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=0, help="decode steps per round")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: default)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from dataclasses import replace
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chat = _load(args)
+    sizes = args.bank_sizes or ([0, 512, 2048] if args.quick else [0, 16384, 65536])
+    batch_bank = (args.batch_bank or [512 if args.quick else 16384])[0]
+    steps = args.steps or (4 if args.quick else 16)
+    prefill_tokens = args.prefill_tokens or (64 if args.quick else 1024)
+    out: dict[str, Any] = {"model": chat.describe(), "torch_threads": torch.get_num_threads()}
+
+    decode = []
+    for size in sizes:
+        rate = _decode_rate(chat, [_bank(chat, size, "fp32", 0)], steps, args.repeats)
+        decode.append({"bank_entries": size, "tokens_per_s": rate})
+        print(f"decode, bank {size:>7}: {rate:7.2f} tok/s", file=sys.stderr, flush=True)
+    for row in decode:
+        row["ratio_to_empty"] = row["tokens_per_s"] / decode[0]["tokens_per_s"]
+    out["decode"] = decode
+
+    one = _decode_rate(chat, [_bank(chat, batch_bank, "fp32", 0)], steps, args.repeats)
+    many = _decode_rate(
+        chat, [_bank(chat, batch_bank, "fp32", i) for i in range(args.batch)], steps, args.repeats
+    )
+    out["batching"] = {
+        "sessions": args.batch,
+        "bank_entries": batch_bank,
+        "one_tokens_per_s": one,
+        "batched_tokens_per_s": many,
+        "ratio": many / one,
+    }
+    print(
+        f"batching: 1 -> {one:.2f} tok/s, {args.batch} -> {many:.2f} tok/s ({many / one:.2f}x)",
+        file=sys.stderr,
+    )
+
+    out["prefill_tokens_per_s"] = _prefill_rate(chat, prefill_tokens, max(1, args.repeats // 2))
+    print(f"prefill: {out['prefill_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+
+    sizes_rows = []
+    for choice in args.memory_layers:
+        engine = EngineConfig(memory_layers=choice)
+        layers = engine.memory_layer_indices(chat.model.cfg.num_layers)
+        variant = chat.with_plan(replace(chat.plan, layers=layers))
+        for storage in ("fp32", "fp16"):
+            bank = _bank(variant, 4096, storage, 0)
+            sizes_rows.append(
+                {
+                    "memory_layers": choice,
+                    "layers": len(layers),
+                    "storage": storage,
+                    "bytes_per_token": bank.stats().bytes / len(bank),
+                }
+            )
+            print(
+                f"memory layers {choice} ({len(layers)}), {storage}: "
+                f"{sizes_rows[-1]['bytes_per_token'] / 1024:.1f} KiB per token",
+                file=sys.stderr,
+            )
+    out["bytes_per_token"] = sizes_rows
+    print(json.dumps(out))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
