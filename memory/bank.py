@@ -93,6 +93,9 @@ class MemoryBank:
         self._make_queues()
         self._journal: Journal | None = None  # set by open(): the bank's directory
         self._closed = False
+        # Retrievals since the last change, applied (and logged) as one touch before the next
+        # operation that could read them: a step that searches many layers logs one record.
+        self._pending_hits: list[tuple[float, np.ndarray]] = []
 
     # -- construction helpers -------------------------------------------------------------------
 
@@ -176,6 +179,7 @@ class MemoryBank:
         durable after :meth:`sync`.
         """
         self._check_open()
+        self._flush_touches()
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         values = np.ascontiguousarray(values, dtype=np.float32)
         if keys.ndim != 2 or keys.shape[1] != self.key_dim:
@@ -257,8 +261,6 @@ class MemoryBank:
         are recorded as one touch (a token's weight is how many of its parts' rows were hit).
         """
         self._check_open()
-        if self.parts == 1:
-            raise MemoryBankError("search_parts needs a bank with parts; use search")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         d, dv = self.key_dim // self.parts, self.value_dim // self.parts
         if queries.ndim != 3 or queries.shape[2] != d or first < 0:
@@ -281,7 +283,6 @@ class MemoryBank:
                 keys=np.zeros((P, q, k, d), np.float32),
             )
         index = self._index
-        assert isinstance(index, PartitionedKeys)
         bitmap = st.bitmap if st.live < index.ntotal else None
         found = [
             index.search_part(first + p, queries[p], k, bitmap, self.config.threads)
@@ -308,13 +309,37 @@ class MemoryBank:
         )
 
     def _touch(self, now: float, hit_rows: np.ndarray) -> None:
-        """Record retrievals (each hit row adds weight 1 to its entry's mass)."""
-        touched, counts = np.unique(hit_rows, return_counts=True)
-        if touched.shape[0]:
-            weights = counts.astype(np.float64)
-            if self._journal is not None:
-                self._journal.touch(now, touched, self._store.ids[touched], weights)
-            self._apply_touch(now, touched, weights)
+        """Record retrievals (each hit row adds weight 1 to its entry's mass), coalesced until
+        :meth:`_flush_touches`."""
+        if hit_rows.shape[0]:
+            self._pending_hits.append((now, hit_rows))
+
+    def _flush_touches(self) -> None:
+        """Apply and log the coalesced retrievals as one touch at the time of the last one.
+
+        A hit at an earlier time ``t`` enters with weight ``2^-((t_last - t) / half_life)``,
+        exactly what applying it at ``t`` and decaying to ``t_last`` gives, so importance is
+        unchanged; retrieval times become ``t_last`` (staleness is flushed before every
+        expiry, so it is never decided on unflushed hits). Called before anything that reads
+        mass or frees slots (add: eviction; remove; expiry; state dicts, syncs, snapshots), so
+        live and replayed banks apply the same touches at the same times: a step that searches
+        thirty memory layers logs one record per block instead of thirty per token.
+        """
+        if not self._pending_hits:
+            return
+        last = self._pending_hits[-1][0]
+        rows = np.concatenate([hits for _, hits in self._pending_hits])
+        half_life = self.config.importance_half_life_s
+        decay = np.concatenate(
+            [np.full(h.shape[0], np.exp2(-(last - t) / half_life)) for t, h in self._pending_hits]
+        )
+        self._pending_hits = []
+        touched, inverse = np.unique(rows, return_inverse=True)
+        weights = np.zeros(touched.shape[0], np.float64)
+        np.add.at(weights, inverse, decay)
+        if self._journal is not None:
+            self._journal.touch(last, touched, self._store.ids[touched], weights)
+        self._apply_touch(last, touched, weights)
 
     def prune(self, now: float | None = None) -> int:
         """Remove entries past their TTL or stale; returns how many were removed.
@@ -331,6 +356,7 @@ class MemoryBank:
         directory the removal is logged, so a replay never resurrects the entries.
         """
         self._check_open()
+        self._flush_touches()
         ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
         if ids.shape[0] == 0:
             return 0
@@ -376,6 +402,7 @@ class MemoryBank:
         bank next changes (copy them to keep a state). Raises :class:`MemoryBankError` if
         ``meta`` is not JSON-serialisable.
         """
+        self._flush_touches()
         counters = dict(
             next_id=self._next_id,
             added_total=self._added_total,
@@ -403,6 +430,7 @@ class MemoryBank:
         if parts != self.parts:
             raise BankFormatError(f"{_WHAT_STATE} has {parts} key parts, this bank {self.parts}")
         self._store, self._index = restored.store, restored.index
+        self._pending_hits = []
         self._next_id = restored.counters["next_id"]
         self._added_total = restored.counters["added_total"]
         self._evicted_total = restored.counters["evicted_total"]
@@ -416,6 +444,7 @@ class MemoryBank:
     def sync(self) -> None:
         """Make every add (and ``meta``) so far durable: it survives a crash or kill -9."""
         self._check_open()
+        self._flush_touches()
         if self._journal is not None:
             self._journal.sync(self.meta)
 
@@ -505,6 +534,7 @@ class MemoryBank:
     def _expire(self, now: float, *, log: bool = True) -> int:
         if self._expire_q is None or self._store.live == 0:
             return 0
+        self._flush_touches()
         n = self._expire_q.pop_below(now, self._store.release)
         if n:
             self._pruned_total += n

@@ -93,6 +93,22 @@ class KeyIndex:
     def to_bytes(self) -> np.ndarray:
         return np.asarray(faiss.serialize_index(self.index), np.uint8)
 
+    # An unpartitioned index is a partitioned one with a single part (a model with one memory
+    # layer and one KV head searches its bank through the same calls).
+
+    def search_part(
+        self, part: int, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if part != 0:
+            raise MemoryBankError(f"this key index has one part, not part {part}")
+        return self.search(queries, k, bitmap, threads)
+
+    def part_keys(self, part: int, rows: np.ndarray) -> np.ndarray:
+        """Stored keys of ``rows`` (any shape) in one part, float32, shape ``rows.shape + (d,)``."""
+        if part != 0:
+            raise MemoryBankError(f"this key index has one part, not part {part}")
+        return self.reconstruct(rows.reshape(-1)).reshape(*rows.shape, self.dim)
+
 
 class FlatKeys(KeyIndex):
     """Exact search over ``fp32`` (IndexFlatIP) or ``fp16`` (IndexScalarQuantizer) codes."""
@@ -128,6 +144,11 @@ class FlatKeys(KeyIndex):
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
         out: np.ndarray = self._matrix()[rows].astype(np.float32)
         return out
+
+    def part_keys(self, part: int, rows: np.ndarray) -> np.ndarray:
+        if part != 0:
+            raise MemoryBankError(f"this key index has one part, not part {part}")
+        return self.reconstruct(rows)
 
     def nbytes(self) -> int:
         return self.ntotal * self.code_size

@@ -70,6 +70,7 @@ def _load_pretrained(config: EngineConfig, data_dir: Path) -> ChatModel[Any]:
         block=config.memory_block,
         k=config.memory_k,
         exact=config.memory_exact,
+        sink=0 if config.memory_exact else config.memory_sink,
     )
     chat = LlamaChatModel(
         model, source.tokenizer, plan, source=source.description, weights_id=source.weights_id

@@ -21,6 +21,7 @@ measured and the model card says which one works.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -35,7 +36,16 @@ from agent_runtime.models.llama.memory import MemoryPlan
 from agent_runtime.models.llama.registry import Entry, fetch_member
 from memory import MemoryBank, MemoryConfig
 
-__all__ = ["CHITCHAT", "Probe", "chitchat_lines", "make_probes", "run_probe", "run_recall"]
+__all__ = [
+    "CHITCHAT",
+    "Probe",
+    "chitchat_lines",
+    "dialogue_document",
+    "make_probes",
+    "run_ppl",
+    "run_probe",
+    "run_recall",
+]
 
 CHITCHAT = Entry(
     name="chitchat",
@@ -203,10 +213,18 @@ def mode_plan(chat: LlamaChatModel, mode: str, tokens: int) -> MemoryPlan | None
     if mode == "window":
         return replace(plan, layers=())
     limit = chat.model.cfg.max_position_embeddings
-    window = -(-(tokens + 64) // plan.block) * plan.block
+    window = -(-(tokens + 64) // plan.block) * plan.block  # + the default system prompt
     if window + plan.block > limit:
         return None
     return replace(plan, layers=(), window=window)
+
+
+def _prompt(chat: LlamaChatModel, probe: Probe, use_prefix: bool) -> list[int]:
+    prompt = [t for m in probe.messages for t in chat.encode_turn(m["role"], m["content"])]
+    prompt += chat.reply_prefix
+    if use_prefix:
+        prompt += chat.tokenizer.encode(probe.prefix)
+    return prompt
 
 
 @torch.no_grad()
@@ -218,10 +236,7 @@ def run_probe(
     d = chat.memory_dims[0]
     bank = MemoryBank(d, d, MemoryConfig(), parts=parts) if chat.plan.layers else None
     state = chat.new_state()
-    prompt = [t for m in probe.messages for t in chat.encode_turn(m["role"], m["content"])]
-    prompt += chat.reply_prefix
-    if use_prefix:
-        prompt += chat.tokenizer.encode(probe.prefix)
+    prompt = _prompt(chat, probe, use_prefix)
     began = time.perf_counter()
     logits = chat.prefill(state, prompt, bank)
     prefilled = time.perf_counter()
@@ -263,7 +278,8 @@ def run_recall(
         probes = make_probes(chat, lines, distance, n, seed, corrections=corrections)
         for form in forms:
             for mode in modes:
-                plan = mode_plan(chat, mode, max(p.distance for p in probes) + 256)
+                longest = max(len(_prompt(chat, p, form == "prefix")) for p in probes)
+                plan = mode_plan(chat, mode, longest + 32)  # + the answer
                 if plan is None:
                     continue
                 runner = chat.with_plan(plan)
@@ -294,4 +310,66 @@ def run_recall(
                 if out is not None:
                     brief = {k: v for k, v in row.items() if k != "answers"}
                     print(json.dumps(brief), file=out, flush=True)
+    return rows
+
+
+def dialogue_document(
+    chat: LlamaChatModel, data_dir: Path, tokens: int, seed: int = 0
+) -> list[int]:
+    """``tokens`` tokens of whole chitchat conversations in the model's chat template (real
+    dialogue: names and topics recur within a conversation, not across them)."""
+    data = json.loads(fetch_member(CHITCHAT, Path(data_dir) / "corpora").read_text("utf-8"))
+    convs = list(data.values())
+    random.Random(seed).shuffle(convs)
+    out: list[int] = []
+    for conv in convs:
+        for i, turn in enumerate(conv["messages"]):
+            text = " ".join(m["text"] for m in turn)
+            out += chat.encode_turn("user" if i % 2 == 0 else "assistant", text)
+        if len(out) >= tokens:
+            break
+    return out[:tokens]
+
+
+@torch.no_grad()
+def run_ppl(
+    chat: LlamaChatModel, document: Sequence[int], memory_sizes: Sequence[int], scored: int
+) -> list[dict[str, Any]]:
+    """Bits per token of the document's last ``scored`` tokens with a bank of at most each
+    ``memory_sizes`` entries (0: the window alone), the whole document fed in blocks."""
+    from agent_runtime.models.llama.memory import forward_rows
+
+    rows = []
+    tokens = torch.tensor(list(document))
+    for size in memory_sizes:
+        plan = chat.plan if size else replace(chat.plan, layers=())
+        d = chat.memory_dims[0]
+        config = MemoryConfig(capacity=max(size, 1))
+        bank = MemoryBank(d, d, config, parts=chat.memory_parts) if size else None
+        state = chat.new_state()
+        nll, counted, i = 0.0, 0, 0
+        first_scored = len(tokens) - scored
+        began = time.perf_counter()
+        while i < len(tokens) - 1:
+            n = min(len(tokens) - 1 - i, plan.block - state.position % plan.block)
+            logits, _, _ = forward_rows(
+                chat.model, plan, [state], tokens[None, i : i + n], [bank], every=True
+            )
+            targets = tokens[i + 1 : i + n + 1]
+            keep = torch.arange(i + 1, i + n + 1) >= first_scored
+            if keep.any():
+                logp = torch.log_softmax(logits[0].float(), dim=-1)
+                picked = logp[torch.arange(n), targets][keep]
+                nll -= float(picked.sum())
+                counted += int(keep.sum())
+            i += n
+        rows.append(
+            {
+                "memory_entries": size,
+                "bits_per_token": nll / max(counted, 1) / math.log(2),
+                "scored_tokens": counted,
+                "document_tokens": len(tokens),
+                "tokens_per_s": len(tokens) / (time.perf_counter() - began),
+            }
+        )
     return rows

@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-layers", default="all", help="as serve's --engine-memory-layers"
     )
     pretrained.add_argument("--memory-k", type=int, default=32, help="as --engine-memory-k")
+    pretrained.add_argument("--memory-sink", type=int, default=0, help="as --engine-memory-sink")
     pretrained.add_argument(
         "--memory-window", type=int, default=512, help="as --engine-memory-window"
     )
@@ -272,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "--corrections", action="store_true", help="restate each fact with a new value halfway"
     )
     pretrained.add_argument("--seed", type=int, default=0, help="probe seed")
+    pretrained.add_argument(
+        "--scored", type=int, default=1024, help="ppl: score the document's last N tokens"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,17 +318,29 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
     from agent_runtime.models.loader import load_model
     from agent_runtime.training.chat_eval import chitchat_lines, run_recall
 
-    if args.task != "recall":
-        raise AgentRuntimeError("--model evaluates recall only (eval recall --model NAME)")
+    if args.task not in ("recall", "ppl"):
+        raise AgentRuntimeError("--model evaluates recall and ppl (eval recall --model NAME)")
     engine = EngineConfig(
         model=args.model,
         memory_layers=args.memory_layers,
         memory_k=args.memory_k,
         memory_window=args.memory_window,
+        memory_sink=args.memory_sink,
     )
     engine.validate()
     data_dir = args.data_dir or default_data_dir()
     chat = load_model(engine, data_dir)
+    if args.task == "ppl":
+        from agent_runtime.training.chat_eval import dialogue_document, run_ppl
+
+        document = dialogue_document(chat, data_dir, args.doc_len)  # type: ignore[arg-type]
+        rows = run_ppl(chat, document, args.memory_sizes, args.scored)  # type: ignore[arg-type]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     lines = chitchat_lines(data_dir)
     rows = run_recall(
         chat,  # type: ignore[arg-type]

@@ -139,3 +139,22 @@ def test_plan_is_validated_by_setting_name() -> None:
         MemoryPlan(layers=(), window=20, block=8).validate(3)
     with pytest.raises(ConfigError, match="memory_layers"):
         MemoryPlan(layers=(3,)).validate(3)
+
+
+def test_attention_sinks_stay_in_attention_and_out_of_the_bank() -> None:
+    model = tiny_llama(4)
+    tokens = torch.randint(0, CFG.vocab_size, (120,), generator=torch.Generator().manual_seed(6))
+    last = {}
+    for sink in (0, 4):
+        plan = MemoryPlan(layers=(0, 1, 2), window=16, block=8, k=4, sink=sink)
+        state, bank = new_state(), bank_for(plan)
+        last[sink] = feed(model, plan, state, tokens, bank)[-1]
+        positions = bank.search_parts(np.ones((6, 1, CFG.head_dim), np.float32), 200).positions
+        assert positions is not None
+        if sink:
+            assert [t.shape[0] for t in state.sink_k] == [4, 4, 4]
+            assert positions[positions >= 0].min() == 4  # never retrieved twice
+            assert len(bank) == state.position - state.cached - 4
+    assert not torch.allclose(last[0], last[4])  # the sinks are attended
+    with pytest.raises(ConfigError, match="memory_sink"):
+        MemoryPlan(layers=(0,), exact=True, sink=4).validate(3)

@@ -82,3 +82,28 @@ def test_bad_shapes_are_refused_by_name() -> None:
         bank.search_parts(np.zeros((2, 1, D), np.float32), 1, first=2)
     with pytest.raises(MemoryBankError, match="shape"):
         bank.search_parts(np.zeros((1, 1, D + 1), np.float32), 1)
+
+
+def test_retrievals_between_writes_are_logged_as_one_touch_and_replay_exactly(
+    tmp_path: Path,
+) -> None:
+    keys, values = _entries(64)
+    config = MemoryConfig(eviction="importance", importance_half_life_s=5.0, capacity=80)
+    sizes = {}
+    for searches in (1, 30):
+        bank = MemoryBank.open(tmp_path / f"b{searches}", P * D, P * DV, config, parts=P)
+        bank.add(keys, values)
+        bank.sync()
+        base = bank.stats().log_bytes
+        queries = np.random.default_rng(3).standard_normal((P, 4, D)).astype(np.float32)
+        for _ in range(searches):  # e.g. thirty memory layers in one decode step
+            bank.search_parts(queries, 8)
+        bank.sync()
+        sizes[searches] = bank.stats().log_bytes - base
+        bank.add(*_entries(40, seed=9))  # importance eviction reads the coalesced masses
+        want = bank.live_ids()
+        bank.close()
+        again = MemoryBank.open(tmp_path / f"b{searches}", P * D, P * DV, config, parts=P)
+        np.testing.assert_array_equal(again.live_ids(), want)
+        again.close()
+    assert sizes[30] == sizes[1]  # one record either way (weights differ, not the size)

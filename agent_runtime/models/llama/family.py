@@ -84,25 +84,29 @@ class LlamaChatModel:
             " is”); asked plainly, a small model often refuses. See docs/models.md."
         )
 
-    def _conversation_start(self) -> tuple[list[int], list[int]]:
-        """(what the template writes before a conversation's first message when that message
-        is not a system one, e.g. a default system prompt; the tokens that open a system turn).
+    def _conversation_start(self) -> tuple[dict[str, list[int]], list[int]]:
+        """What the template writes before a conversation's first message, by the role of that
+        message (user: e.g. BOS and a default system prompt; system: e.g. BOS alone), and the
+        tokens that open a system turn.
 
         Derived by rendering, so it holds for any template: the first turn's text minus the
         same turn's text later in a conversation.
         """
         tok = self.tokenizer
-        first, later = (
-            tok.turn_text("user", "x", first=True),
-            tok.turn_text("user", "x", first=False),
-        )
-        preamble = first[: len(first) - len(later)] if first.endswith(later) else ""
+        preambles = {}
+        for role in ("user", "system"):
+            first, later = (
+                tok.turn_text(role, "x", first=True),
+                tok.turn_text(role, "x", first=False),
+            )
+            text = first[: len(first) - len(later)] if first.endswith(later) else ""
+            preambles[role] = tok.encode(text) if text else []
         a = tok.encode(tok.turn_text("system", "a", first=False))
         b = tok.encode(tok.turn_text("system", "b", first=False))
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
-        return tok.encode(preamble) if preamble else [], a[:n]
+        return preambles, a[:n]
 
     def with_plan(self, plan: MemoryPlan) -> LlamaChatModel:
         """The same weights and tokenizer under another memory plan (evaluation modes)."""
@@ -116,7 +120,7 @@ class LlamaChatModel:
         return (
             f"{cfg.model_type} {self.weights_id} ({self.model.num_params() / 1e6:.0f}M parameters, "
             f"{cfg.num_layers} layers; memory layers {layers or 'none'}, window {plan.window}, "
-            f"k {plan.k}{', exact' if plan.exact else ''}) from {self.source}"
+            f"k {plan.k}, sink {plan.sink}{', exact' if plan.exact else ''}) from {self.source}"
         )
 
     # -- chat format --------------------------------------------------------------------------
@@ -147,9 +151,12 @@ class LlamaChatModel:
                 "fingerprint": self.fingerprint,
                 "k": torch.stack(state.k).cpu() if state.k else None,
                 "v": torch.stack(state.v).cpu() if state.v else None,
+                "sink_k": torch.stack(state.sink_k).cpu() if state.sink_k else None,
+                "sink_v": torch.stack(state.sink_v).cpu() if state.sink_v else None,
                 "position": state.position,
                 "written": state.written,
                 "memory_stopped": state.memory_stopped,
+                "after_end_due": state.after_end_due,
             },
             buf,
         )
@@ -184,9 +191,29 @@ class LlamaChatModel:
             raise CheckpointError("generation state's window does not fit its position")
         stopped = sd.get("memory_stopped")
         dt = self.model.dtype
+        sink_k, sink_v = sd.get("sink_k"), sd.get("sink_v")
+        sinks: tuple[list[Tensor], list[Tensor]] = ([], [])
+        if sink_k is not None or sink_v is not None:
+            if not (
+                isinstance(sink_k, Tensor)
+                and isinstance(sink_v, Tensor)
+                and sink_k.shape == sink_v.shape
+                and sink_k.dim() == 4
+                and sink_k.shape[0] == cfg.num_layers
+                and sink_k.shape[2:] == k.shape[2:]
+                and sink_k.shape[1] <= min(position, self.plan.sink)
+            ):
+                raise CheckpointError("generation state's attention sinks do not fit this model")
+            sinks = (
+                list(sink_k.to(self.device, dt).unbind(0)),
+                list(sink_v.to(self.device, dt).unbind(0)),
+            )
         return LlamaState(
             k=list(k.to(self.device, dt).unbind(0)),
             v=list(v.to(self.device, dt).unbind(0)),
+            sink_k=sinks[0],
+            sink_v=sinks[1],
+            after_end_due=sd.get("after_end_due") is True,
             position=position,
             written=written,
             memory_stopped=stopped if isinstance(stopped, str) else None,
@@ -198,6 +225,8 @@ class LlamaChatModel:
         clone = copy.copy(state)
         clone.k = list(state.k)
         clone.v = list(state.v)
+        clone.sink_k = list(state.sink_k)
+        clone.sink_v = list(state.sink_v)
         clone.recent_ids = list(state.recent_ids)
         clone.rotated = {}
         return clone
@@ -205,10 +234,13 @@ class LlamaChatModel:
     def restore(self, state: LlamaState, checkpoint: LlamaState) -> None:
         state.k = list(checkpoint.k)
         state.v = list(checkpoint.v)
+        state.sink_k = list(checkpoint.sink_k)
+        state.sink_v = list(checkpoint.sink_v)
         state.position = checkpoint.position
         state.written = checkpoint.written
         state.recent_ids = list(checkpoint.recent_ids)
         state.memory_stopped = checkpoint.memory_stopped
+        state.after_end_due = checkpoint.after_end_due
         state.rotated = {}
 
     # -- compute (worker thread) --------------------------------------------------------------
@@ -217,11 +249,17 @@ class LlamaChatModel:
         self, state: LlamaState, tokens: Sequence[int], bank: MemoryBank | None
     ) -> Tensor | None:
         tokens = list(tokens)
-        opening = self._system_opening
-        if state.position == 0 and tokens[: len(opening)] != opening:
-            tokens = [*self._preamble, *tokens]  # the template's default system prompt
-        if tokens and tokens[-1] == self.end_token:
-            tokens += self._after_end  # the text between turns, as the template writes it
+        if state.position == 0 and tokens:
+            opening = self._system_opening
+            role = "system" if tokens[: len(opening)] == opening else "user"
+            tokens = [*self._preamble[role], *tokens]  # e.g. BOS, a default system prompt
+        after = self._after_end
+        if state.after_end_due and tokens and tokens[: len(after)] != after:
+            tokens = [*after, *tokens]  # the text between turns, as the template writes it
+        if tokens:
+            # a turn that ends this call is followed by that text in the next one (unless the
+            # next chunk of the prompt already starts with it)
+            state.after_end_due = tokens[-1] == self.end_token
         logits: Tensor | None = None
         block = self.plan.block
         i = 0
@@ -239,6 +277,9 @@ class LlamaChatModel:
         tokens: Sequence[int],
         banks: Sequence[MemoryBank | None],
     ) -> tuple[Tensor, StepStats]:
+        for state, bank in zip(states, banks, strict=True):
+            if state.after_end_due and self._after_end:  # a reply never follows a bare terminator
+                self.prefill(state, self._after_end, bank)
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         logits, retrieved, seconds = forward_rows(self.model, self.plan, states, idx, banks)
         return logits, StepStats(retrieved, seconds)

@@ -58,6 +58,9 @@ class MemoryPlan:
     """Entries retrieved per query head and token at each memory layer."""
     exact: bool = False
     """Retrieved entries at their true positions (verification; see the module docstring)."""
+    sink: int = 0
+    """The conversation's first tokens, attended by every query after they leave the window
+    (attention sinks: StreamingLLM, InfLLM's initial tokens); not written to the bank."""
 
     def validate(self, num_layers: int) -> MemoryPlan:
         if self.block < 1 or self.window < self.block or self.window % self.block:
@@ -68,6 +71,8 @@ class MemoryPlan:
             )
         if self.k < 0:
             raise ConfigError("engine.memory_k", self.k, "must be >= 0")
+        if self.sink < 0 or (self.exact and self.sink):
+            raise ConfigError("engine.memory_sink", self.sink, "must be >= 0 (and 0 in exact mode)")
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad or len(set(self.layers)) != len(self.layers):
             raise ConfigError(
@@ -84,11 +89,15 @@ class LlamaState:
 
     k: list[Tensor]  # per layer (C, kv_heads, head_dim): positions position-C .. position-1
     v: list[Tensor]
+    sink_k: list[Tensor] = field(default_factory=list)  # per layer (<= plan.sink, kv, D): 0, 1, ...
+    sink_v: list[Tensor] = field(default_factory=list)
     position: int = 0
     written: int = 0
     recent_ids: list[np.ndarray] = field(default_factory=list)
     protect: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
     memory_stopped: str | None = None
+    after_end_due: bool = False
+    """The last token fed ended a turn: the template's text after a terminator comes next."""
     rotated: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict, repr=False)
     """Per layer: (the window tensor ``k[layer]`` it was made from, frame shift, its keys with
     RoPE applied): a derived cache, valid only while that exact tensor is the window; never saved."""
@@ -174,8 +183,10 @@ def _attend_row(
     keys = torch.cat([state.k[layer], k]) if C else k
     values = torch.cat([state.v[layer], v]) if C else v
     n_mem = 0 if mem is None else mem.mask.shape[-1]
-    # the frame: this row's earliest position (retrieved or window) becomes 0
-    shift = 0 if plan.exact else max(0, start - n_mem)
+    # sinks that have left the window (the first tokens; while inside it they are window keys)
+    n_sink = min(len(state.sink_k[layer]), start) if state.sink_k else 0
+    # the frame: sinks at 0.., then the retrieved entries, then the window
+    shift = 0 if plan.exact else max(0, start - n_mem - n_sink)
     dev = q.device
     q_pos = torch.arange(state.position, state.position + T, device=dev) - shift
     k_pos = torch.arange(start, state.position + T, device=dev) - shift
@@ -194,6 +205,12 @@ def _attend_row(
     causal = k_pos[None, :] <= q_pos[:, None]  # (T, C+T)
     win = win.masked_fill(~causal, float("-inf"))
     vals_win = values.float().permute(1, 0, 2)  # (kv, C+T, D)
+    if n_sink:
+        s_pos = torch.arange(n_sink, device=dev)
+        sk = rope.at(state.sink_k[layer][:n_sink], s_pos[:, None].expand(n_sink, kv))
+        sinks = torch.einsum("hgtd,shd->hgts", qg, sk.float()) * scale
+        win = torch.cat([sinks, win], dim=-1)  # sinks always precede the queries: no mask
+        vals_win = torch.cat([state.sink_v[layer][:n_sink].float().permute(1, 0, 2), vals_win], 1)
     if mem is None:
         p = torch.softmax(win, dim=-1)
         out = torch.einsum("hgts,hsd->hgtd", p, vals_win)
@@ -224,14 +241,23 @@ def _advance(
         for w, old, new in zip(windows, state.k, ks, strict=True)
     ]
     state.v = [torch.cat([old, new]) for old, new in zip(state.v, vs, strict=True)]
+    before = state.position
     state.position += ks[0].shape[0]
+    if before < plan.sink:  # the first tokens are kept as sinks
+        take = min(plan.sink, state.position) - before
+        if not state.sink_k:
+            state.sink_k = [t[:0] for t in ks]
+            state.sink_v = [t[:0] for t in vs]
+        state.sink_k = [torch.cat([s, t[:take]]) for s, t in zip(state.sink_k, ks, strict=True)]
+        state.sink_v = [torch.cat([s, t[:take]]) for s, t in zip(state.sink_v, vs, strict=True)]
     while state.cached >= plan.window + plan.block:
         n = plan.block
         first = state.position - state.cached
-        if plan.layers:
-            keys = torch.cat([state.k[i][:n].reshape(n, -1) for i in plan.layers], dim=1)
-            values = torch.cat([state.v[i][:n].reshape(n, -1) for i in plan.layers], dim=1)
-            _write(state, bank, keys, values, first)
+        skip = min(n, max(0, plan.sink - first))  # sinks are attended, not retrieved
+        if plan.layers and skip < n:
+            keys = torch.cat([state.k[i][skip:n].reshape(n - skip, -1) for i in plan.layers], 1)
+            values = torch.cat([state.v[i][skip:n].reshape(n - skip, -1) for i in plan.layers], 1)
+            _write(state, bank, keys, values, first + skip)
         state.k = [t[n:] for t in state.k]
         state.v = [t[n:] for t in state.v]
 
@@ -268,10 +294,13 @@ def forward_rows(
     states: Sequence[LlamaState],
     tokens: Tensor,
     banks: Sequence[MemoryBank | None],
+    *,
+    every: bool = False,
 ) -> tuple[Tensor, list[int], float]:
     """Feed tokens (B, T) to B sessions (batched projections and MLPs, per-row attention and
-    bank searches); returns the last logits (B, vocab), entries retrieved per row, and the
-    seconds spent searching. T must not cross a multiple of ``plan.block`` for any row."""
+    bank searches); returns the last logits (B, vocab) (``every``: all of them, (B, T, vocab)),
+    entries retrieved per row, and the seconds spent searching. T must not cross a multiple of
+    ``plan.block`` for any row."""
     B = tokens.shape[0]
     kv = model.cfg.num_kv_heads
     x = model.embed(tokens)
@@ -296,7 +325,7 @@ def forward_rows(
             new_k[b].append(k[b])
             new_v[b].append(v[b])
         x = layer.finish(x, out)
-    logits = model.head(x[:, -1:])[:, 0]
+    logits = model.head(x) if every else model.head(x[:, -1:])[:, 0]
     for b in range(B):
         _advance(plan, states[b], new_k[b], new_v[b], banks[b])
     return logits, retrieved, searching
