@@ -150,6 +150,8 @@ class EngineConfig:
     """Tokens a pretrained decoder moves from its window to the bank at once."""
     memory_k: int = 32
     """Memories each query head of a pretrained decoder retrieves per token."""
+    memory_span: int = 0
+    """Neighbours on each side that come back with every memory a pretrained decoder retrieves."""
     memory_sink: int = 0
     """A pretrained decoder's first tokens kept in attention for the whole conversation (attention sinks)."""
     memory_exact: bool = False
@@ -189,6 +191,7 @@ class EngineConfig:
             )
         ConfigError.check_non_negative("engine.memory_k", self.memory_k)
         ConfigError.check_non_negative("engine.memory_sink", self.memory_sink)
+        ConfigError.check_non_negative("engine.memory_span", self.memory_span)
 
     def memory_layer_indices(self, num_layers: int | None) -> tuple[int, ...]:
         """``memory_layers`` as indices (``num_layers`` None: syntax check only)."""

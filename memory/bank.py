@@ -96,6 +96,9 @@ class MemoryBank:
         # Retrievals since the last change, applied (and logged) as one touch before the next
         # operation that could read them: a step that searches many layers logs one record.
         self._pending_hits: list[tuple[float, np.ndarray]] = []
+        self._id_slots: np.ndarray | None = None  # id -> slot, for neighbours (search_parts)
+        self._id_slots_version: tuple[int, ...] = ()
+        self._removed_since = False
 
     # -- construction helpers -------------------------------------------------------------------
 
@@ -252,10 +255,17 @@ class MemoryBank:
         self._touch(now, rows[mask])
         return SearchResult(values=values, scores=scores, ids=ids, mask=mask)
 
-    def search_parts(self, queries: np.ndarray, k: int, first: int = 0) -> SearchResult:
+    def search_parts(
+        self, queries: np.ndarray, k: int, first: int = 0, span: int = 0
+    ) -> SearchResult:
         """Top-``k`` live entries of each part ``first + p`` for the query rows ``queries[p]``
         ((P, q, key_dim / parts)); results have a leading P axis and carry the entries' keys and
         positions (what a pretrained decoder needs to attend to them at chosen positions).
+
+        ``span`` > 0 also returns, for every hit, the live entries whose ids are within
+        ``span`` of it (its neighbours in the conversation: a fact comes back with the words
+        around it, as InfLLM retrieves blocks), each entry once per row; rows then hold
+        ``k * (2 * span + 1)`` slots, not sorted by score (a neighbour carries its hit's score).
 
         One call per memory layer and step: expiry runs once, and the retrievals of all parts
         are recorded as one touch (a token's weight is how many of its parts' rows were hit).
@@ -268,19 +278,20 @@ class MemoryBank:
         P, q = queries.shape[:2]
         if first + P > self.parts:
             raise MemoryBankError(f"parts {first}..{first + P - 1} exceed the bank's {self.parts}")
-        if k < 0:
-            raise MemoryBankError(f"k must be >= 0, got k={k}")
+        if k < 0 or span < 0:
+            raise MemoryBankError(f"k and span must be >= 0, got k={k} span={span}")
         now = self._now()
         self._expire(now)
         st = self._store
+        width = k * (2 * span + 1)
         if st.live == 0 or k == 0 or q == 0:
             return SearchResult(
-                values=np.zeros((P, q, k, dv), np.float32),
-                scores=np.zeros((P, q, k), np.float32),
-                ids=np.full((P, q, k), -1, np.int64),
-                mask=np.zeros((P, q, k), np.bool_),
-                positions=np.full((P, q, k), -1, np.int64),
-                keys=np.zeros((P, q, k, d), np.float32),
+                values=np.zeros((P, q, width, dv), np.float32),
+                scores=np.zeros((P, q, width), np.float32),
+                ids=np.full((P, q, width), -1, np.int64),
+                mask=np.zeros((P, q, width), np.bool_),
+                positions=np.full((P, q, width), -1, np.int64),
+                keys=np.zeros((P, q, width, d), np.float32),
             )
         index = self._index
         bitmap = st.bitmap if st.live < index.ntotal else None
@@ -293,12 +304,15 @@ class MemoryBank:
         mask = rows >= 0
         safe = np.where(mask, rows, 0)
         mask &= st.alive[safe]
+        self._touch(now, rows[mask])
+        if span:
+            rows, mask, scores = self._with_neighbours(rows, mask, scores, span)
+            safe = np.where(mask, rows, 0)
         part_ids = (first + np.arange(P))[:, None, None]
         values = st.values.reshape(-1, self.parts, dv)[safe, part_ids].astype(np.float32)
         keys = np.stack([index.part_keys(first + p, safe[p]) for p in range(P)])
         values[~mask] = 0.0
         keys[~mask] = 0.0
-        self._touch(now, rows[mask])
         return SearchResult(
             values=values,
             scores=np.where(mask, scores, 0.0).astype(np.float32),
@@ -307,6 +321,45 @@ class MemoryBank:
             positions=np.where(mask, st.positions[safe], -1),
             keys=keys,
         )
+
+    def _with_neighbours(
+        self, rows: np.ndarray, mask: np.ndarray, scores: np.ndarray, span: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each hit (P, q, k) and the live entries with ids within ``span`` of it, each entry
+        once per row: (rows, mask, scores) of shape (P, q, k * (2 * span + 1))."""
+        st = self._store
+        ids = np.where(mask, st.ids[np.where(mask, rows, 0)], -1)
+        offsets = np.arange(-span, span + 1)
+        near = (ids[..., None] + offsets).reshape(*ids.shape[:2], -1)
+        near_ok = np.repeat(mask, offsets.shape[0], axis=-1) & (near >= 0) & (near < self._next_id)
+        table = self._slot_of_id()
+        slots = np.where(near_ok, table[np.clip(near, 0, max(self._next_id - 1, 0))], -1)
+        ok = slots >= 0
+        # the same entry reached from two hits is kept once (sorted by id, later copies dropped)
+        key = np.where(ok, near, -1 - np.arange(near.shape[-1]))  # invalid keys never collide
+        order = np.argsort(key, axis=-1, kind="stable")
+        ranked = np.take_along_axis(key, order, axis=-1)
+        dup = np.zeros_like(ok)
+        dup_sorted = np.zeros_like(ok)
+        dup_sorted[..., 1:] = ranked[..., 1:] == ranked[..., :-1]
+        np.put_along_axis(dup, order, dup_sorted, axis=-1)
+        ok &= ~dup
+        return (
+            np.where(ok, slots, -1),
+            ok,
+            np.repeat(scores, offsets.shape[0], axis=-1),
+        )
+
+    def _slot_of_id(self) -> np.ndarray:
+        """slot of every id < next_id (-1: evicted, pruned or removed), rebuilt after changes."""
+        st = self._store
+        version = (self._next_id, st.live, self._evicted_total, self._pruned_total, st.hwm)
+        if self._id_slots is None or self._id_slots_version != version or self._removed_since:
+            table = np.full(self._next_id, -1, np.int64)
+            live = st.live_slots()
+            table[st.ids[live]] = live
+            self._id_slots, self._id_slots_version, self._removed_since = table, version, False
+        return self._id_slots
 
     def _touch(self, now: float, hit_rows: np.ndarray) -> None:
         """Record retrievals (each hit row adds weight 1 to its entry's mass), coalesced until
@@ -364,6 +417,7 @@ class MemoryBank:
         if self._journal is not None:
             self._journal.remove(ids)
         self._store.release(slots)
+        self._removed_since = True
         return int(slots.shape[0])
 
     def stats(self) -> BankStats:
@@ -431,6 +485,7 @@ class MemoryBank:
             raise BankFormatError(f"{_WHAT_STATE} has {parts} key parts, this bank {self.parts}")
         self._store, self._index = restored.store, restored.index
         self._pending_hits = []
+        self._id_slots = None
         self._next_id = restored.counters["next_id"]
         self._added_total = restored.counters["added_total"]
         self._evicted_total = restored.counters["evicted_total"]
@@ -558,6 +613,7 @@ class MemoryBank:
                 self._expire(op.now)
             case Remove():
                 self._store.release(self._slots_of(op.ids))
+                self._removed_since = True
             case Meta():
                 self.meta = op.meta
 

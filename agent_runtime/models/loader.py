@@ -71,6 +71,7 @@ def _load_pretrained(config: EngineConfig, data_dir: Path) -> ChatModel[Any]:
         k=config.memory_k,
         exact=config.memory_exact,
         sink=0 if config.memory_exact else config.memory_sink,
+        span=config.memory_span,
     )
     chat = LlamaChatModel(
         model, source.tokenizer, plan, source=source.description, weights_id=source.weights_id

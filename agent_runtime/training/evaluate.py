@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     pretrained.add_argument("--memory-k", type=int, default=32, help="as --engine-memory-k")
     pretrained.add_argument("--memory-sink", type=int, default=0, help="as --engine-memory-sink")
+    pretrained.add_argument("--memory-span", type=int, default=0, help="as --engine-memory-span")
     pretrained.add_argument(
         "--memory-window", type=int, default=512, help="as --engine-memory-window"
     )
@@ -326,6 +327,7 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
         memory_k=args.memory_k,
         memory_window=args.memory_window,
         memory_sink=args.memory_sink,
+        memory_span=args.memory_span,
     )
     engine.validate()
     data_dir = args.data_dir or default_data_dir()

@@ -57,9 +57,11 @@ def feed(
     return out
 
 
-def test_exact_mode_reproduces_full_attention_far_past_the_window() -> None:
+@pytest.mark.parametrize("span", [0, 2])
+def test_exact_mode_reproduces_full_attention_far_past_the_window(span: int) -> None:
+    """With neighbours (span) too: every entry must still be attended exactly once."""
     model = tiny_llama()
-    plan = MemoryPlan(layers=(0, 1, 2), window=16, block=8, k=10_000, exact=True)
+    plan = MemoryPlan(layers=(0, 1, 2), window=16, block=8, k=10_000, exact=True, span=span)
     bank = bank_for(plan)
     state = new_state()
     tokens = torch.randint(0, CFG.vocab_size, (120,), generator=torch.Generator().manual_seed(1))

@@ -107,3 +107,26 @@ def test_retrievals_between_writes_are_logged_as_one_touch_and_replay_exactly(
         np.testing.assert_array_equal(again.live_ids(), want)
         again.close()
     assert sizes[30] == sizes[1]  # one record either way (weights differ, not the size)
+
+
+def test_a_span_brings_each_hit_back_with_its_neighbours_once() -> None:
+    keys, values = _entries(100)
+    bank = MemoryBank(P * D, P * DV, MemoryConfig(capacity=90), parts=P)
+    bank.add(keys[:50], values[:50], np.arange(50))
+    bank.add(keys[50:], values[50:], np.arange(50, 100))  # evicts ids 0..9
+    bank.remove(np.array([60]))
+    queries = np.random.default_rng(4).standard_normal((P, 3, D)).astype(np.float32)
+    hits = bank.search_parts(queries, 4)
+    near = bank.search_parts(queries, 4, span=2)
+    assert near.ids.shape == (P, 3, 20) and near.keys is not None and near.positions is not None
+    for p in range(P):
+        for r in range(3):
+            got = near.ids[p, r][near.mask[p, r]]
+            want = {i + o for i in hits.ids[p, r] for o in range(-2, 3)}
+            want = {i for i in want if 10 <= i < 100 and i != 60}
+            assert sorted(got.tolist()) == sorted(want)  # each live neighbour exactly once
+            np.testing.assert_array_equal(near.positions[p, r][near.mask[p, r]], got)
+            ok = near.mask[p, r]
+            np.testing.assert_array_equal(
+                near.keys[p, r][ok], keys[near.ids[p, r][ok], p * D : (p + 1) * D]
+            )

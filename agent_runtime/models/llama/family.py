@@ -120,7 +120,7 @@ class LlamaChatModel:
         return (
             f"{cfg.model_type} {self.weights_id} ({self.model.num_params() / 1e6:.0f}M parameters, "
             f"{cfg.num_layers} layers; memory layers {layers or 'none'}, window {plan.window}, "
-            f"k {plan.k}, sink {plan.sink}{', exact' if plan.exact else ''}) from {self.source}"
+            f"k {plan.k}, span {plan.span}, sink {plan.sink}{', exact' if plan.exact else ''}) from {self.source}"
         )
 
     # -- chat format --------------------------------------------------------------------------

@@ -58,6 +58,9 @@ class MemoryPlan:
     """Entries retrieved per query head and token at each memory layer."""
     exact: bool = False
     """Retrieved entries at their true positions (verification; see the module docstring)."""
+    span: int = 0
+    """Each retrieved entry comes with its neighbours within ``span`` tokens (a fact with the
+    words around it, in order: InfLLM retrieves blocks); ``k * (2 * span + 1)`` entries per head."""
     sink: int = 0
     """The conversation's first tokens, attended by every query after they leave the window
     (attention sinks: StreamingLLM, InfLLM's initial tokens); not written to the bank."""
@@ -71,6 +74,8 @@ class MemoryPlan:
             )
         if self.k < 0:
             raise ConfigError("engine.memory_k", self.k, "must be >= 0")
+        if self.span < 0:
+            raise ConfigError("engine.memory_span", self.span, "must be >= 0")
         if self.sink < 0 or (self.exact and self.sink):
             raise ConfigError("engine.memory_sink", self.sink, "must be >= 0 (and 0 in exact mode)")
         bad = [i for i in self.layers if not 0 <= i < num_layers]
@@ -118,18 +123,18 @@ class _Retrieved:
 
 
 def _search(
-    bank: MemoryBank, q: Tensor, first: int, kv: int, k: int
+    bank: MemoryBank, q: Tensor, first: int, kv: int, k: int, span: int = 0
 ) -> tuple[_Retrieved | None, int]:
     """Top-k of each query head (q: (T, H, D) pre-RoPE) in parts ``first..first+kv-1``."""
     T, H, D = q.shape
     g = H // kv
     queries = q.float().reshape(T, kv, g, D).permute(1, 2, 0, 3).reshape(kv, g * T, D)
-    res = bank.search_parts(queries.cpu().numpy(), k, first)
+    res = bank.search_parts(queries.cpu().numpy(), k, first, span)
     assert res.keys is not None and res.positions is not None
     if not res.mask.any():
         return None, 0
     dev, dt = q.device, q.dtype
-    shape = (kv, g, T, k)
+    shape = (kv, g, T, res.mask.shape[-1])
     return (
         _Retrieved(
             keys=torch.from_numpy(res.keys).to(dev, dt).view(*shape, D),
@@ -318,7 +323,7 @@ def forward_rows(
             bank = banks[b]
             if li in memory_at and bank is not None and len(bank) and plan.k:
                 began = time.perf_counter()
-                mem, n = _search(bank, q[b], memory_at[li] * kv, kv, plan.k)
+                mem, n = _search(bank, q[b], memory_at[li] * kv, kv, plan.k, plan.span)
                 searching += time.perf_counter() - began
                 retrieved[b] += n
             out[b] = _attend_row(rope, plan, states[b], li, q[b], k[b], v[b], mem)
