@@ -11,12 +11,17 @@ query (a content match, independent of how far back the entry is), takes the top
 attends **jointly** over them and its window: one softmax over both (the InfLLM/EM-LLM
 recipe; the Memorizing Transformer's gate needs training, this needs none).
 
+With ``span`` each hit also brings its neighbours (ids within ``span``: the words around a
+fact, each entry once), and the first ``sink`` tokens of the conversation stay in attention
+for good once they leave the window (attention sinks), without being written to the bank.
+
 Positions. The window keeps its true relative positions. Retrieved entries are placed just
-before the window, in their original order (entry ``r`` of the ``k``, sorted by true position,
-sits at ``window_start - k + r``), so a later statement still reads as later and no distance
-exceeds ``window + block + k`` whatever the conversation's length: the model never sees a
-position outside its trained range. Each row is computed in a frame shifted so its first
-position is 0 (RoPE is relative: a shift changes nothing but rounding).
+before the window, in their original order (entry ``r`` of the ``n`` retrieved, sorted by true
+position, sits at ``window_start - n + r``), and the sinks before them at 0.., so a later
+statement still reads as later and no distance exceeds ``sink + n + window + block`` whatever
+the conversation's length: the model never sees a position outside its trained range. Each
+row is computed in a frame shifted so its first position is 0 (RoPE is relative: a shift
+changes nothing but rounding).
 
 **Exact mode** (``exact=True``) gives retrieved entries their true positions and should be
 run with every layer a memory layer and ``k`` at least the history: it then reproduces full
