@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
+from agent_runtime.errors import BudgetExhaustedError
+
 if TYPE_CHECKING:
     from torch import Tensor
 
     from memory import MemoryBank
 
-__all__ = ["ChatModel", "SessionState", "StepStats", "TextStream"]
+__all__ = ["ChatModel", "SessionState", "StepStats", "TextStream", "write_memories"]
 
 S = TypeVar("S", bound="SessionState")
 
@@ -50,6 +52,26 @@ class SessionState(Protocol):
     """Applied to every batch of keys before it reaches the bank (privacy noising); not saved."""
     memory_stopped: str | None
     """Why no more memories are written (the privacy budget is spent), or None."""
+
+
+def write_memories(
+    state: SessionState, bank: MemoryBank | None, keys: np.ndarray, values: np.ndarray, first: int
+) -> None:
+    """Write entries for positions ``first ..`` to ``bank`` the way every family must: keys go
+    through ``state.protect`` (privacy noising, whose ledger is charged durably first), a spent
+    budget stops memory writes for good (``state.memory_stopped``), and the new ids are kept
+    in ``state.recent_ids`` so a rolled-back reply can remove them."""
+    if bank is None or state.memory_stopped is not None:
+        return
+    if state.protect is not None:
+        try:
+            keys = state.protect(keys)
+        except BudgetExhaustedError as exc:
+            state.memory_stopped = str(exc)
+            return
+    positions = np.arange(first, first + keys.shape[0], dtype=np.int64)
+    state.recent_ids.append(bank.add(keys, values, positions))
+    state.written += keys.shape[0]
 
 
 class TextStream(Protocol):

@@ -160,3 +160,27 @@ def test_attention_sinks_stay_in_attention_and_out_of_the_bank() -> None:
     assert not torch.allclose(last[0], last[4])  # the sinks are attended
     with pytest.raises(ConfigError, match="memory_sink"):
         MemoryPlan(layers=(0,), exact=True, sink=4).validate(3)
+
+
+def test_keys_reach_the_bank_through_the_privacy_noiser_and_a_spent_budget_stops_writes() -> None:
+    from agent_runtime.errors import BudgetExhaustedError
+
+    model = tiny_llama()
+    plan = MemoryPlan(layers=(0, 2), window=16, block=8, k=4)
+    tokens = torch.randint(0, CFG.vocab_size, (40,), generator=torch.Generator().manual_seed(8))
+    plain_state, plain = new_state(), bank_for(plan)
+    feed(model, plan, plain_state, tokens, plain)
+    noised_state, noised = new_state(), bank_for(plan)
+    noised_state.protect = lambda keys: keys + 100.0
+    feed(model, plan, noised_state, tokens, noised)
+    ids = plain.live_ids()
+    np.testing.assert_allclose(noised.get(ids)[0], plain.get(ids)[0] + 100.0, atol=1e-4)
+    np.testing.assert_array_equal(noised.get(ids)[1], plain.get(ids)[1])  # values are not noised
+
+    def spent(keys: np.ndarray) -> np.ndarray:
+        raise BudgetExhaustedError("privacy budget spent")
+
+    stopped, bank = new_state(), bank_for(plan)
+    stopped.protect = spent
+    feed(model, plan, stopped, tokens, bank)
+    assert len(bank) == 0 and stopped.memory_stopped == "privacy budget spent"

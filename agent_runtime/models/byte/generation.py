@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from agent_runtime.errors import BudgetExhaustedError
+from agent_runtime.models.base import write_memories
 from agent_runtime.models.byte.model import (
     NO_POSITION,
     NO_TOKEN,
@@ -191,17 +191,7 @@ def flush_block(state: GenerationState, bank: MemoryBank | None) -> None:
     values = torch.cat(state.pending_values).float().cpu().numpy()
     state.pending_keys.clear()
     state.pending_values.clear()
-    if bank is None or state.memory_stopped is not None:
-        return
-    if state.protect is not None:
-        try:
-            keys = state.protect(keys)  # DP noise; the ledger is charged durably first
-        except BudgetExhaustedError as exc:
-            state.memory_stopped = str(exc)
-            return
-    positions = np.arange(state.position - len(keys), state.position, dtype=np.int64)
-    state.recent_ids.append(bank.add(keys, values, positions))
-    state.written += len(keys)
+    write_memories(state, bank, keys, values, state.position - len(keys))
 
 
 @torch.no_grad()

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from agent_runtime.errors import BudgetExhaustedError, ConfigError
+from agent_runtime.errors import ConfigError
+from agent_runtime.models.base import write_memories
 from agent_runtime.models.llama.model import LlamaModel
 from memory import MemoryBank
 
@@ -267,26 +268,11 @@ def _advance(
         if plan.layers and skip < n:
             keys = torch.cat([state.k[i][skip:n].reshape(n - skip, -1) for i in plan.layers], 1)
             values = torch.cat([state.v[i][skip:n].reshape(n - skip, -1) for i in plan.layers], 1)
-            _write(state, bank, keys, values, first + skip)
+            write_memories(
+                state, bank, keys.float().cpu().numpy(), values.float().cpu().numpy(), first + skip
+            )
         state.k = [t[n:] for t in state.k]
         state.v = [t[n:] for t in state.v]
-
-
-def _write(
-    state: LlamaState, bank: MemoryBank | None, keys: Tensor, values: Tensor, first: int
-) -> None:
-    if bank is None or state.memory_stopped is not None:
-        return
-    k = keys.float().cpu().numpy()
-    if state.protect is not None:
-        try:
-            k = state.protect(k)  # DP noise; the ledger is charged durably first
-        except BudgetExhaustedError as exc:
-            state.memory_stopped = str(exc)
-            return
-    positions = np.arange(first, first + k.shape[0], dtype=np.int64)
-    state.recent_ids.append(bank.add(k, values.float().cpu().numpy(), positions))
-    state.written += k.shape[0]
 
 
 def _rope_table(model: LlamaModel) -> RopeTable:

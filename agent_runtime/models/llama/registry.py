@@ -150,7 +150,7 @@ def fetch_member(entry: Entry, directory: Path, *, out: IO[str] | None = None) -
     out = out or sys.stderr
     directory = Path(directory)
     dest = directory / Path(entry.member).name
-    if dest.is_file() and dest.stat().st_size == entry.size and _sha256_of(dest) == entry.sha256:
+    if dest.is_file() and dest.stat().st_size == entry.size and sha256_of(dest) == entry.sha256:
         return dest
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,8 @@ def fetch_member(entry: Entry, directory: Path, *, out: IO[str] | None = None) -
     return dest
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):

@@ -8,7 +8,6 @@ fast); a ``.gguf`` is dequantised on every load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,10 @@ from agent_runtime.errors import CheckpointError
 from agent_runtime.models.llama.config import LlamaConfig
 from agent_runtime.models.llama.gguf_file import read_gguf
 from agent_runtime.models.llama.hf import INDEX_FILE, WEIGHTS_FILE, load_hf_dir
-from agent_runtime.models.llama.registry import SOURCE_FILE, resolve
+from agent_runtime.models.llama.registry import SOURCE_FILE, resolve, sha256_of
 from agent_runtime.models.llama.tokenizer import ChatTokenizer
 
 __all__ = ["PretrainedSource", "load_pretrained"]
-
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ def load_pretrained(
             cfg = LlamaConfig.from_hf(config)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
-        weights_id = _sha256(path)[:12]
+        weights_id = sha256_of(path)[:12]
         return PretrainedSource(cfg, sd, tokenizer, f"{path.name} sha256:{weights_id}", weights_id)
     cfg, sd = load_hf_dir(path, dtype)
     tokenizer = ChatTokenizer.from_dir(path)
@@ -78,12 +75,4 @@ def _identify_dir(path: Path) -> tuple[str, str]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():  # sharded: the index names every shard
         weights = path / INDEX_FILE
-    return f"{path.name}/{weights.name}", _sha256(weights)[:12]
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return f"{path.name}/{weights.name}", sha256_of(weights)[:12]
