@@ -54,7 +54,7 @@ class LlamaChatModel:
             weights_id = digest.hexdigest()[:12]
         self.weights_id = weights_id
         kv, d = cfg.num_kv_heads, cfg.head_dim
-        parts = max(1, len(self.plan.layers)) * kv
+        parts = len(self.plan.layers) * kv or 1  # no memory layers: a minimal, unused bank
         self.memory_dims = (parts * d, parts * d)
         self.memory_parts = parts
         # what shapes bank entries: the weights and which layers' keys/values they hold
