@@ -7,21 +7,18 @@ operator's fix is always "replace that file". Tokenizer files are not read here.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from agent_runtime.errors import CheckpointError
-from agent_runtime.files import atomic_write, fsync_dir
+from agent_runtime.files import atomic_write
 from agent_runtime.models.llama.config import LlamaConfig
 from agent_runtime.models.llama.model import expected_shapes
 
@@ -79,21 +76,9 @@ def save_hf_dir(path: Path, cfg: LlamaConfig, sd: Mapping[str, Tensor]) -> None:
         raise CheckpointError(f"state dict does not match the config: {', '.join(wrong[:5])}")
     path.mkdir(parents=True, exist_ok=True)
     weights = path / WEIGHTS_FILE
-    tmp = weights.with_name(f".{weights.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tensors = {n: sd[n].detach().contiguous().cpu() for n in expected}
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, weights)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path)
+    tensors = {n: sd[n].detach().contiguous().cpu() for n in expected}
+    # one durable write path for every file we own (temp file, fsync, rename, directory fsync)
+    atomic_write(weights, save(tensors, metadata={"format": "pt"}), mode=0o644)
     atomic_write(path / CONFIG_FILE, (json.dumps(cfg.to_hf(), indent=2) + "\n").encode())
 
 
