@@ -36,6 +36,7 @@ from privacy.config import PrivacyConfig
 __all__ = [
     "EngineConfig",
     "GenerationConfig",
+    "MqttConfig",
     "PrivacyConfig",
     "RuntimeConfig",
     "ServerConfig",
@@ -242,6 +243,94 @@ class GenerationConfig:
             raise ConfigError("generation.top_p", self.top_p, "must be in (0, 1]")
 
 
+MQTT_SCHEMES = ("mqtt", "mqtts")
+
+
+@dataclass
+class MqttConfig:
+    """The MQTT bridge inside ``serve`` (off unless ``url`` is set); see docs/mqtt.md."""
+
+    url: str = field(default="", metadata={"secret": True})
+    """Broker URL (``mqtt://host:1883``, TLS with ``mqtts://host:8883``); empty turns the bridge off."""
+    username: str = ""
+    """The bridge's own (privileged) broker identity; may also be given in the URL."""
+    password: str = field(default="", metadata={"secret": True})
+    """Password of the bridge's broker identity (prefer ``password_file`` or the env var)."""
+    password_file: str = ""
+    """File holding the bridge's broker password (first line), instead of ``password``."""
+    ca_file: str = ""
+    """PEM file of the CA that signed the broker's certificate (``mqtts://``; default: the system's)."""
+    topic_prefix: str = "agent-runtime/v1"
+    """Root of every topic the bridge uses (``{prefix}/{tenant}/sessions/...``)."""
+    client_id: str = ""
+    """MQTT client id of the bridge; empty uses ``agent-runtime-<node id>``."""
+    keepalive_s: int = 30
+    """MQTT keep-alive; a broker that stays silent twice as long is taken as lost."""
+    inbound_queue: int = 1024
+    """Most received messages waiting to be handled; past it the bridge stops reading (the broker queues)."""
+    session_queue: int = 1024
+    """Most server events waiting to be published per session; past it the session is detached (resume by seq)."""
+    reconnect_max_s: float = 30.0
+    """Longest wait between reconnection attempts (exponential backoff from 0.1 s)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    def validate(self) -> None:
+        if self.url:
+            parts = urlsplit(self.url)
+            shown = redact_url(self.url)
+            if parts.scheme not in MQTT_SCHEMES:
+                raise ConfigError("mqtt.url", shown, "scheme must be mqtt:// or mqtts://")
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ConfigError("mqtt.url", shown, "port must be in 0..65535") from None
+            if not parts.hostname:
+                raise ConfigError("mqtt.url", shown, "must name a host (mqtt://host:1883)")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ConfigError(
+                    "mqtt.url", shown, "must be just mqtt[s]://[user[:pass]@]host[:port]"
+                )
+        if self.password and self.password_file:
+            raise ConfigError(
+                "mqtt.password_file", self.password_file, "give either a password or a file"
+            )
+        if self.password_file and not Path(self.password_file).is_file():
+            raise ConfigError("mqtt.password_file", self.password_file, "no such file")
+        if self.ca_file and not Path(self.ca_file).is_file():
+            raise ConfigError("mqtt.ca_file", self.ca_file, "no such file")
+        prefix = self.topic_prefix
+        if (
+            not prefix
+            or prefix.startswith("/")
+            or prefix.endswith("/")
+            or any(c in prefix for c in "+#\0")
+        ):
+            raise ConfigError(
+                "mqtt.topic_prefix",
+                prefix,
+                "must be a topic without wildcards or leading/trailing '/' (agent-runtime/v1)",
+            )
+        if any(c in self.client_id for c in "+#/"):
+            raise ConfigError("mqtt.client_id", self.client_id, "must not contain + # or /")
+        ConfigError.check_positive("mqtt.keepalive_s", self.keepalive_s)
+        ConfigError.check_positive("mqtt.inbound_queue", self.inbound_queue)
+        ConfigError.check_positive("mqtt.session_queue", self.session_queue)
+        ConfigError.check_positive("mqtt.reconnect_max_s", self.reconnect_max_s)
+
+    def broker_password(self) -> str:
+        """The bridge's password: from the file, the setting or the URL (in that order)."""
+        if self.password_file:
+            try:
+                lines = Path(self.password_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError("mqtt.password_file", self.password_file, str(exc)) from None
+            return lines[0].strip() if lines else ""
+        return self.password or (urlsplit(self.url).password or "")
+
+
 @dataclass
 class RuntimeConfig:
     """The whole runtime's configuration."""
@@ -252,6 +341,7 @@ class RuntimeConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
     def validate(self) -> RuntimeConfig:
         for section in SECTIONS:
@@ -259,7 +349,7 @@ class RuntimeConfig:
         return self
 
 
-SECTIONS = ("server", "store", "engine", "generation", "memory", "privacy")
+SECTIONS = ("server", "store", "engine", "generation", "memory", "privacy", "mqtt")
 # Sections whose flags and env vars carry no prefix (``--port``, ``AGENT_RUNTIME_PORT``).
 UNPREFIXED = ("server", "store")
 

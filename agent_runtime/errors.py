@@ -15,6 +15,7 @@ this tree where each library is imported, with ``raise Ours(...) from exc``.
     ├── StoreError                  session metadata store (Redis) unavailable or inconsistent
     ├── StorageError                the data directory cannot take a write (disk full, I/O error)
     ├── DataDirLockedError          another process serves this data directory
+    ├── BrokerError                 the MQTT broker refused or dropped a connection
     ├── PrivacyError                privacy configuration or accounting failure
     │   └── BudgetExhaustedError    the session's privacy budget is spent
     └── RequestError                recoverable, per-request; sent to the client as an ``error`` event
@@ -42,6 +43,7 @@ __all__ = [
     "AuthenticationError",
     "BankCapacityError",
     "BankFormatError",
+    "BrokerError",
     "BudgetExhaustedError",
     "CheckpointError",
     "ClientError",
@@ -122,6 +124,10 @@ class StorageError(AgentRuntimeError):
 
 class DataDirLockedError(AgentRuntimeError):
     """Another agent-runtime process holds the data directory's lock."""
+
+
+class BrokerError(AgentRuntimeError):
+    """The MQTT broker refused or dropped a connection (translated from aiomqtt)."""
 
 
 class PrivacyError(AgentRuntimeError):

@@ -2,7 +2,8 @@
 
 * ``ws://HOST:PORT/v1/realtime`` — the event protocol (``agent_runtime/protocol.py``,
   ``docs/asyncapi.yaml``), handled by ``server/websocket.py``;
-* the HTTP routes (health, readiness, metrics, tickets, the web page): ``server/http.py``.
+* the HTTP routes (health, readiness, metrics, tickets, the web page): ``server/http.py``;
+* with ``--mqtt-url``, the same events over an MQTT broker: ``server/mqtt.py``.
 
 :class:`Server` owns, in start order, the session store, the engine and the websocket listener,
 and closes them in reverse order; ``aclose()`` is idempotent and performs a graceful shutdown.
@@ -37,6 +38,7 @@ from privacy.crypto import KeyStore
 from privacy.tenants import RedisUsedTickets, TenantRegistry, TicketIssuer
 from server.auth import Authenticator
 from server.http import WS_PATH, HttpRoutes
+from server.mqtt import MqttBridge
 from server.websocket import WebsocketEndpoint, select_subprotocol
 
 __all__ = ["Server"]
@@ -124,6 +126,11 @@ class Server:
         self.websocket = WebsocketEndpoint(
             config, self.sessions, self.http.tenant_of, self.errors, self.spawn
         )
+        self.mqtt: MqttBridge | None = None
+        if config.mqtt.enabled:
+            self.mqtt = MqttBridge(
+                config, self.sessions, self.auth, self.audit, r, self.spawn, self.node_id
+            )
 
     @property
     def port(self) -> int:
@@ -167,6 +174,8 @@ class Server:
             ) from None
         self.auth.port = self.port
         await self._warm_up()
+        if self.mqtt is not None:
+            await self.mqtt.start()  # connects in the background; /readyz waits for it
         self._reaper = asyncio.create_task(self._reap_idle(), name="idle-session-reaper")
         self._storage_watch = asyncio.create_task(self._watch_storage(), name="storage-watch")
         log.info("serving on ws://%s:%d%s", cfg.host, self.port, WS_PATH)
@@ -235,6 +244,8 @@ class Server:
         if self._ws is not None:
             self._ws.close(close_connections=False)  # stop accepting new connections
         self.websocket.closing = True  # and new work on open ones: nothing outlives the snapshot
+        if self.mqtt is not None:
+            self.mqtt.closing = True
         for session in list(self.sessions.sessions.values()):
             if session.sender is not None:  # tell attached clients; a detached one misses nothing
                 with contextlib.suppress(Exception):
@@ -253,6 +264,8 @@ class Server:
             await asyncio.gather(*pending, return_exceptions=True)
         for conn in list(self.websocket.connections):
             await conn.close(1001, "server shutting down")
+        if self.mqtt is not None:
+            await self.mqtt.aclose()  # flushes what it can, clears this node's presence
         with contextlib.suppress(Exception):
             await self.sessions.aclose()
         if self._ws is not None:
@@ -263,4 +276,6 @@ class Server:
         self.lock.release()
 
     async def _is_ready(self) -> bool:
+        if self.mqtt is not None and not self.mqtt.connected:
+            return False  # a configured bridge that lost its broker is not ready
         return self.ready and self.sessions.storage.healthy and await self.store.ping()

@@ -7,6 +7,7 @@ waits for it, yields a :class:`ServerProcess`, and on exit stops the server grac
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -83,3 +84,102 @@ def serve_process(
                 ServerProcess(proc, "", 0, log_path).stop(timeout=timeout)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+@dataclass
+class Broker:
+    """A Mosquitto broker started by :func:`mosquitto_process` (see docs/mqtt.md)."""
+
+    port: int
+    directory: Path
+    bridge_user: str
+    bridge_password: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start (or restart) the broker on its port and wait until it accepts connections."""
+        import shutil
+        import socket
+        import time
+
+        binary = shutil.which("mosquitto") or MOSQUITTO
+        log = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(self.directory / "mosquitto.conf")],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()  # the child holds its own copy
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited ({self.proc.returncode}): "
+                    + (self.directory / "mosquitto.log").read_text(errors="replace")[-2000:]
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("mosquitto did not open its port") from None
+                time.sleep(0.05)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@contextmanager
+def mosquitto_process(
+    directory: Path,
+    tenants: dict[str, str],
+    *,
+    prefix: str = "agent-runtime/v1",
+    port: int = 0,
+) -> Iterator[Broker]:
+    """A real Mosquitto on a free loopback port with a generated config: no anonymous access,
+    a password file (the bridge's identity and each tenant's, whose password is its API key)
+    and the ACL of ``agent-runtime tenants mqtt-config``. Stopped on exit."""
+    import secrets
+    import socket
+
+    from privacy.mqtt import acl_lines, broker_config, password_line
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    bridge_user, bridge_password = "agent-runtime-bridge", secrets.token_urlsafe(16)
+    users = {bridge_user: bridge_password, **tenants}
+    passwd = directory / "passwd"
+    passwd.write_text("".join(password_line(u, pw) + "\n" for u, pw in users.items()))
+    acl = directory / "acl"
+    acl.write_text("\n".join(acl_lines(bridge_user, prefix)) + "\n")
+    passwd.chmod(0o600)
+    acl.chmod(0o600)
+    conf = broker_config(port, str(passwd), str(acl))
+    if os.geteuid() == 0:  # mosquitto would drop to user "mosquitto", who cannot read our files
+        conf += "user root\n"
+    (directory / "mosquitto.conf").write_text(conf)
+    broker = Broker(port, directory, bridge_user, bridge_password)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -1,0 +1,404 @@
+"""The MQTT bridge against a real Mosquitto (started here on a free loopback port with a generated
+config): sessions over MQTT, the same session over the websocket and back, tenancy enforced by
+the broker's ACL and by the bridge, a broker restart mid-reply, hostile payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import msgpack
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from websockets.asyncio.client import connect
+
+from agent_runtime.bench.launch import Broker, mosquitto_process
+from agent_runtime.config import RuntimeConfig
+from privacy.tenants import TenantRegistry
+from tests.conftest import TIMEOUT, Client, make_config, running_server
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+    reason="mosquitto is not installed (.ci/install-mosquitto)",
+)
+
+P = "agent-runtime/v1"
+
+
+@pytest.fixture
+def tenants(tmp_path: Path) -> dict[str, str]:
+    registry = TenantRegistry(tmp_path / "data")
+    return {"acme": registry.add("acme"), "globex": registry.add("globex")}
+
+
+@pytest.fixture
+def broker(tmp_path: Path, tenants: dict[str, str]) -> Iterator[Broker]:
+    with mosquitto_process(tmp_path / "broker", tenants) as b:
+        yield b
+
+
+def mqtt_config(tmp_path: Path, broker: Broker, **server: Any) -> RuntimeConfig:
+    cfg = make_config(tmp_path, **server)
+    cfg.mqtt.url = broker.url
+    cfg.mqtt.username = broker.bridge_user
+    cfg.mqtt.password = broker.bridge_password
+    cfg.mqtt.reconnect_max_s = 0.5
+    return cfg.validate()
+
+
+@asynccontextmanager
+async def mqtt_server(config: RuntimeConfig) -> AsyncIterator[Any]:
+    async with running_server(config) as server:
+        assert server.mqtt is not None
+        async with asyncio.timeout(TIMEOUT):
+            await server.mqtt.wait_connected()
+        yield server
+
+
+class Device:
+    """A device-style client with only an MQTT library (aiomqtt), speaking JSON or msgpack."""
+
+    def __init__(self, client: aiomqtt.Client, tenant: str, *, binary: bool = False) -> None:
+        self.client = client
+        self.tenant = tenant
+        self.binary = binary
+        self.suffix = "/msgpack" if binary else ""
+        self.reply = f"{P}/{tenant}/replies/{uuid.uuid4().hex[:8]}"
+        self.session_id = ""
+        self.last_seq = 0
+        self.n = 0
+        self.timeout = TIMEOUT
+
+    def encode(self, event: dict[str, Any]) -> bytes:
+        return msgpack.packb(event) if self.binary else json.dumps(event).encode()
+
+    def decode(self, payload: Any) -> dict[str, Any]:
+        data = payload if isinstance(payload, bytes) else str(payload).encode()
+        out: dict[str, Any] = msgpack.unpackb(data) if self.binary else json.loads(data)
+        return out
+
+    @property
+    def in_topic(self) -> str:
+        return f"{P}/{self.tenant}/sessions/{self.session_id}/in{self.suffix}"
+
+    @property
+    def out_topic(self) -> str:
+        return f"{P}/{self.tenant}/sessions/{self.session_id}/out{self.suffix}"
+
+    async def recv(self) -> tuple[str, dict[str, Any]]:
+        async with asyncio.timeout(self.timeout):
+            message = await anext(aiter(self.client.messages))
+        event = self.decode(message.payload)
+        if message.topic.value == self.out_topic:
+            self.last_seq = max(self.last_seq, int(event.get("seq", 0)))
+        return message.topic.value, event
+
+    async def until(self, kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        seen: list[dict[str, Any]] = []
+        while True:
+            _topic, event = await self.recv()
+            if event["type"] == kind:
+                return event, seen
+            seen.append(event)
+
+    async def publish(self, topic: str, event: dict[str, Any] | bytes, **props: Any) -> None:
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        for name, value in props.items():
+            setattr(properties, name, value)
+        payload = event if isinstance(event, bytes) else self.encode(event)
+        await self.client.publish(topic, payload, qos=1, properties=properties)
+
+    async def send(self, event: dict[str, Any]) -> None:
+        self.n += 1
+        event.setdefault("event_id", f"d{self.n}")
+        await self.publish(self.in_topic, event)
+
+    async def create_session(self, **session: Any) -> dict[str, Any]:
+        await self.client.subscribe(self.reply, qos=1)
+        await self.publish(
+            f"{P}/{self.tenant}/sessions/create{self.suffix}",
+            {"type": "session.create", "event_id": "create", "session": session},
+            ResponseTopic=self.reply,
+            CorrelationData=b"corr-1",
+        )
+        async with asyncio.timeout(self.timeout):
+            message = await anext(aiter(self.client.messages))
+        assert message.topic.value == self.reply
+        assert message.properties is not None
+        assert message.properties.CorrelationData == b"corr-1"
+        created = self.decode(message.payload)
+        assert created["type"] == "session.created", created
+        self.session_id = created["session"]["id"]
+        await self.client.subscribe(self.out_topic, qos=1)
+        return created
+
+    async def resume(self) -> dict[str, Any]:
+        await self.client.subscribe(self.out_topic, qos=1)
+        await self.send(
+            {"type": "session.resume", "session_id": self.session_id, "last_seq": self.last_seq}
+        )
+        resumed, _ = await self.until("session.resumed")
+        return resumed
+
+    async def turn(
+        self, text: str, **response: Any
+    ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+        await self.send(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": text}],
+                },
+            }
+        )
+        await self.send({"type": "response.create", "response": response})
+        done, events = await self.until("response.done")
+        out = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        return out, done, events
+
+
+@asynccontextmanager
+async def device(
+    broker: Broker, tenant: str, password: str, *, binary: bool = False
+) -> AsyncIterator[Device]:
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        broker.port,
+        username=tenant,
+        password=password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        identifier=f"{tenant}-{uuid.uuid4().hex[:8]}",
+    ) as c:
+        yield Device(c, tenant, binary=binary)
+
+
+async def drain(client: aiomqtt.Client, seconds: float) -> list[str]:
+    """The topics of every message that arrives within ``seconds``."""
+    topics: list[str] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for message in client.messages:
+                topics.append(message.topic.value)
+    return topics
+
+
+def ws_connect(server: Any, key: str):  # type: ignore[no-untyped-def]
+    return connect(
+        f"ws://127.0.0.1:{server.port}/v1/realtime",
+        subprotocols=["agent-runtime.v1.json"],  # type: ignore[list-item]
+        additional_headers={"Authorization": f"Bearer {key}"},
+        open_timeout=TIMEOUT,
+    )
+
+
+async def test_a_device_creates_a_session_and_streams_a_reply(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    async with mqtt_server(mqtt_config(tmp_path, broker)) as server:
+        async with device(broker, "acme", tenants["acme"]) as d:
+            created = await d.create_session(instructions="be brief")
+            assert created["seq"] == 1
+            _text, done, events = await d.turn("hello there", max_tokens=6)
+            assert done["response"]["status"] in ("completed", "incomplete")
+            assert done["response"]["usage"]["output_tokens"] > 0
+            assert [e["type"] for e in events][:2] == [
+                "conversation.item.created",
+                "response.created",
+            ]
+            seqs = [e["seq"] for e in [*events, done]]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            assert seqs[0] > 1  # session.created (seq 1) went to the out topic as well
+        assert server.sessions.sessions[f"acme/{d.session_id}"].meta.turns == 1
+
+
+async def test_msgpack_by_topic_suffix(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    async with (
+        mqtt_server(mqtt_config(tmp_path, broker)),
+        device(broker, "acme", tenants["acme"], binary=True) as d,
+    ):
+        await d.create_session()
+        _text, done, _ = await d.turn("hi", max_tokens=4)
+        assert done["type"] == "response.done"
+
+
+async def test_one_session_over_mqtt_then_the_websocket_and_back(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    async with mqtt_server(mqtt_config(tmp_path, broker)) as server:
+        async with device(broker, "acme", tenants["acme"]) as d:
+            await d.create_session()
+            await d.turn("first over mqtt", max_tokens=4)
+            async with ws_connect(server, tenants["acme"]) as ws:
+                web = Client(ws)
+                await web.send(
+                    {"type": "session.resume", "session_id": d.session_id, "last_seq": d.last_seq}
+                )
+                resumed, _ = await web.until("session.resumed")
+                assert resumed["replayed"] == 0 and resumed["session"]["turns"] == 1
+                _t, web_done, _ = await web.turn("then over the websocket", max_tokens=4)
+                # Back on MQTT: what the websocket saw is replayed, in order, then live events.
+                resumed = await d.resume()
+                assert resumed["session"]["turns"] == 2 and not resumed["events_lost"]
+                replayed: list[dict[str, Any]] = []
+                for _ in range(resumed["replayed"]):
+                    _topic, event = await d.recv()
+                    replayed.append(event)
+                assert replayed[-1]["seq"] == web_done["seq"]
+                assert [e["seq"] for e in replayed] == list(
+                    range(replayed[0]["seq"], web_done["seq"] + 1)
+                )
+                _t, done, _ = await d.turn("and mqtt again", max_tokens=4)
+                assert done["seq"] > web_done["seq"]
+                # The websocket was superseded by the MQTT client, as by another connection.
+                async with asyncio.timeout(TIMEOUT):
+                    await ws.wait_closed()
+                assert ws.close_code == 4000
+        session = server.sessions.sessions[f"acme/{d.session_id}"]
+        assert session.meta.turns == 3
+
+
+async def test_a_fact_told_over_mqtt_is_recalled_over_the_websocket(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    import random
+
+    from agent_runtime.models.byte import BUNDLED_CHECKPOINT
+    from agent_runtime.models.byte.model import load_checkpoint
+    from agent_runtime.training.data import stated_value
+    from tests.agent_runtime.test_recall import GAP_TOKENS, _filler_messages, _held_out_fact
+
+    seed = 11
+    model, _ = load_checkpoint(BUNDLED_CHECKPOINT)
+    fact = _held_out_fact(seed)
+    rng = random.Random(seed)
+    async with running_server(mqtt_config(tmp_path, broker), model) as server:
+        assert server.mqtt is not None
+        async with asyncio.timeout(TIMEOUT):
+            await server.mqtt.wait_connected()
+        async with device(broker, "acme", tenants["acme"]) as d:
+            d.timeout *= 6
+            await d.create_session()
+            await d.turn(fact.statement(rng), max_tokens=16, temperature=0)
+            for text in _filler_messages(seed, GAP_TOKENS):
+                await d.send(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {"type": "message", "role": "user", "content": text},
+                    }
+                )
+                await d.until("conversation.item.created")
+        async with ws_connect(server, tenants["acme"]) as ws:
+            web = Client(ws)
+            web.timeout *= 6
+            await web.send({"type": "session.resume", "session_id": d.session_id})
+            await web.until("session.resumed")
+            reply, done, _ = await web.turn(fact.question(rng), max_tokens=48, temperature=0)
+    assert done["response"]["memory"]["entries"] > GAP_TOKENS
+    assert done["response"]["memory"]["retrieved"] > 0
+    assert stated_value(reply) == fact.value, reply
+
+
+async def test_the_broker_confines_a_tenant_to_its_own_topics(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    async with (
+        mqtt_server(mqtt_config(tmp_path, broker)) as server,
+        device(broker, "acme", tenants["acme"]) as a,
+        device(broker, "globex", tenants["globex"]) as b,
+    ):
+        await a.create_session()
+        await a.turn("acme's secret plans", max_tokens=3)
+        before = len(server.sessions.sessions)
+        # Subscribing to acme's topics gets nothing: Mosquitto grants the subscription but
+        # checks read access on every delivery.
+        for topic in (
+            f"{P}/acme/sessions/{a.session_id}/out",
+            f"{P}/acme/sessions/+/out",
+            f"{P}/acme/replies/#",
+            f"{P}/#",
+        ):
+            await b.client.subscribe(topic, qos=1)
+        await a.turn("more of acme's plans", max_tokens=3)  # streamed while globex listens
+        seen = await drain(b.client, 1.0)
+        assert seen and all("/nodes/" in t for t in seen), seen  # only the presence
+        # Publishing into acme's topics never reaches the bridge.
+        b.session_id = a.session_id
+        await b.publish(
+            f"{P}/acme/sessions/{a.session_id}/in",
+            {"type": "response.create", "response": {"max_tokens": 3}},
+        )
+        await b.publish(f"{P}/acme/sessions/create", {"type": "session.create"})
+        a.timeout = 1.0
+        with pytest.raises(TimeoutError):
+            await a.recv()  # acme's session produced nothing
+        assert len(server.sessions.sessions) == before
+        assert server.sessions.sessions[f"acme/{a.session_id}"].meta.turns == 2
+        # Wrong password: the broker refuses the connection.
+        with pytest.raises(aiomqtt.MqttError):
+            async with device(broker, "acme", tenants["globex"]):
+                pass
+
+
+async def test_the_bridge_confines_a_tenant_to_its_own_sessions(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    config = mqtt_config(tmp_path, broker)
+    async with (
+        mqtt_server(config) as server,
+        device(broker, "acme", tenants["acme"]) as a,
+        device(broker, "globex", tenants["globex"]) as b,
+    ):
+        await a.create_session()
+        await a.turn("acme only", max_tokens=3)
+        # globex names acme's session on its own topics: the same not-found as no session.
+        answers = []
+        for sid in (a.session_id, "sess_doesnotexist"):
+            b.session_id = sid
+            await b.client.subscribe(b.out_topic, qos=1)
+            for event in (
+                {"type": "session.resume", "session_id": sid, "event_id": "steal"},
+                {"type": "response.create", "event_id": "steal2", "response": {}},
+            ):
+                await b.send(event)
+                topic, answer = await b.recv()
+                assert topic == b.out_topic and answer["type"] == "error", answer
+                answers.append((answer["error"]["code"], answer["error"]["message"]))
+        assert {a for a in answers} == {("session_not_found", "no such session")}
+        # A resume naming another session than its topic's is not found either.
+        b.session_id = "sess_mine"
+        await b.client.subscribe(b.out_topic, qos=1)
+        await b.send({"type": "session.resume", "session_id": a.session_id})
+        _t, answer = await b.recv()
+        assert answer["error"]["code"] == "session_not_found"
+        # A reply topic under another tenant's prefix is refused (answered on globex's own).
+        await b.client.subscribe(f"{P}/globex/replies", qos=1)
+        await b.publish(
+            f"{P}/globex/sessions/create",
+            {"type": "session.create"},
+            ResponseTopic=f"{P}/acme/replies/{uuid.uuid4().hex}",
+        )
+        topic, created = await b.recv()
+        assert topic == f"{P}/globex/replies"
+        assert created["type"] == "session.created"  # the request itself was fine
+        a.timeout = 1.0
+        with pytest.raises(TimeoutError):
+            await a.recv()
+        assert server.sessions.sessions[f"acme/{a.session_id}"].meta.turns == 1
+    log = (Path(config.store.data_dir) / "audit.log").read_text()
+    denied = [json.loads(line) for line in log.splitlines() if '"denied"' in line]
+    assert any(r["actor"] == "globex" and r["session"] == a.session_id for r in denied), denied
+    assert any("reply_topic_not_allowed" in json.dumps(r) for r in denied)
+    assert "acme only" not in log
