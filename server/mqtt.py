@@ -124,7 +124,7 @@ class MqttSession(EventHandler):
         self._wake_out = asyncio.Event()
         self.last_inbound = time.monotonic()
         self._worker: asyncio.Task[None] | None = None
-        self._publisher: asyncio.Task[None] | None = None
+        self.publisher: asyncio.Task[None] | None = None
         for kind, handler in list(self._handlers.items()):
             if kind is not p.SessionResume:
                 self._handlers[kind] = self._attaching(handler)
@@ -215,8 +215,8 @@ class MqttSession(EventHandler):
             raise _Overflow
         self.outbox.append(event)
         self._wake_out.set()
-        if self._publisher is None or self._publisher.done():
-            self._publisher = asyncio.create_task(
+        if self.publisher is None or self.publisher.done():
+            self.publisher = asyncio.create_task(
                 self._publish(), name=f"mqtt-out-{self.session_id}"
             )
 
@@ -240,7 +240,7 @@ class MqttSession(EventHandler):
             self.session = None
 
     def cancel_tasks(self) -> list[asyncio.Task[None]]:
-        tasks = [t for t in (self._worker, self._publisher) if t is not None and not t.done()]
+        tasks = [t for t in (self._worker, self.publisher) if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
         return tasks
@@ -360,12 +360,10 @@ class MqttBridge:
         """Clear this node's presence, disconnect, stop every task."""
         self.closing = True
         self._stop.set()
-        with contextlib.suppress(TimeoutError):  # let queued events reach the broker first
-            async with asyncio.timeout(2.0):
-                while self.connected and (
-                    self._loose or any(link.outbox for link in self.links.values())
-                ):
-                    await asyncio.sleep(0.02)
+        flushing = [link.publisher for link in self.links.values()] + [self._loose_task]
+        pending = [t for t in flushing if t is not None and not t.done()]
+        if pending and self.connected:  # let queued events reach the broker first
+            await asyncio.wait(pending, timeout=2.0)
         client = self._client
         if client is not None and self.connected:
             with contextlib.suppress(Exception):

@@ -402,3 +402,169 @@ async def test_the_bridge_confines_a_tenant_to_its_own_sessions(
     assert any(r["actor"] == "globex" and r["session"] == a.session_id for r in denied), denied
     assert any("reply_topic_not_allowed" in json.dumps(r) for r in denied)
     assert "acme only" not in log
+
+
+def readyz(server: Any) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/readyz", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def test_a_broker_restart_mid_reply_loses_nothing_acknowledged(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    config = mqtt_config(tmp_path, broker, disconnect_grace_s=30.0)
+    config.generation.max_tokens_limit = 100_000
+    async with mqtt_server(config) as server:
+        assert server.mqtt is not None
+        assert await asyncio.to_thread(readyz, server) == 200
+        async with device(broker, "acme", tenants["acme"]) as d:
+            await d.create_session()
+            await d.turn("warm up", max_tokens=2)
+            await d.send(
+                {"type": "conversation.item.create", "item": {"role": "user", "content": "go on"}}
+            )
+            await d.send(
+                {"type": "response.create", "response": {"max_tokens": 3000, "min_tokens": 3000}}
+            )
+            before: list[dict[str, Any]] = []
+            while sum(e["type"] == "response.output_text.delta" for e in before) < 5:
+                _t, event = await d.recv()
+                before.append(event)
+            session_id, last_seq = d.session_id, d.last_seq
+            await asyncio.to_thread(broker.stop)
+            with contextlib.suppress(aiomqtt.MqttError):
+                await drain(d.client, 0.5)
+        async with asyncio.timeout(TIMEOUT):
+            while server.mqtt.connected:  # noqa: ASYNC110 - no event for "lost"
+                await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(readyz, server) == 503  # the bridge is not connected
+        await asyncio.to_thread(broker.start)  # same port, fresh broker (no persistence)
+        async with asyncio.timeout(TIMEOUT):
+            await server.mqtt.wait_connected()
+        assert await asyncio.to_thread(readyz, server) == 200
+        assert server.mqtt.reconnects.value >= 1
+        async with device(broker, "acme", tenants["acme"]) as d:
+            d.session_id, d.last_seq = session_id, last_seq
+            d.timeout *= 3
+            resumed = await d.resume()
+            assert not resumed["events_lost"]
+            after: list[dict[str, Any]] = []
+            while not after or after[-1]["type"] != "response.done":
+                _t, event = await d.recv()
+                if event["seq"] > last_seq:  # a copy of what was in flight may come again
+                    after.append(event)
+        seqs = [e["seq"] for e in after]
+        assert seqs == list(range(last_seq + 1, last_seq + 1 + len(seqs))), "a gap: events lost"
+        done = after[-1]
+        assert done["response"]["status"] in ("completed", "incomplete")
+        text = "".join(
+            e["delta"] for e in [*before, *after] if e["type"] == "response.output_text.delta"
+        )
+        assert len(text) > 0 and done["response"]["usage"]["output_tokens"] > 5
+
+
+def hostile_payloads(n: int, limit: int) -> list[bytes]:
+    """``n`` malformed payloads: broken JSON and msgpack, wrong shapes, unknown types, bad
+    fields, oversized."""
+    import random
+
+    rng = random.Random(7)
+    fixed: list[bytes] = [
+        b"",
+        b"{",
+        b"null",
+        b"[]",
+        b'"text"',
+        b"\xff\xfe\x00",
+        b'{"type": 5}',
+        b'{"type": "no.such.event"}',
+        b'{"type": "session.resume"}',
+        b'{"type": "session.resume", "session_id": 7, "last_seq": -1}',
+        b'{"type": "response.create", "response": {"max_tokens": -3}}',
+        b'{"type": "response.create", "response": {"max_tokens": 99999999}}',
+        b'{"type": "conversation.item.create", "item": {"role": "wizard", "content": "x"}}',
+        b'{"type": "ping", "event_id": ' + b"1" * 40 + b"}",
+        b"[" * 500 + b"]" * 500,
+        b'{"type": "ping", "x": NaN}',
+        json.dumps({"type": "conversation.item.create", "item": {"content": "y" * limit}}).encode(),
+        b"\x00" * (limit + 1),
+    ]
+    out = []
+    for i in range(n):
+        if i < len(fixed):
+            out.append(fixed[i])
+        else:
+            base = rng.choice(fixed[:16])
+            cut = rng.randrange(len(base) + 1)
+            out.append(base[:cut] + bytes(rng.randrange(256) for _ in range(rng.randrange(8))))
+    return out
+
+
+async def test_a_thousand_malformed_payloads_change_nothing(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = mqtt_config(tmp_path, broker, max_frame_bytes=4096)
+    async with (
+        mqtt_server(config) as server,
+        device(broker, "acme", tenants["acme"]) as canary,
+        device(broker, "acme", tenants["acme"]) as victim,
+        device(broker, "acme", tenants["acme"]) as reference,
+    ):
+        canary.timeout = reference.timeout = TIMEOUT * 3
+        for d in (canary, victim, reference):
+            await d.create_session(instructions="you are a canary")
+        victim_topics = [
+            victim.in_topic,
+            victim.in_topic + "/msgpack",
+            f"{P}/acme/sessions/create",
+            f"{P}/acme/sessions/create/msgpack",
+            f"{P}/acme/sessions/sess_nobody/in",
+        ]
+        payloads = hostile_payloads(1000, config.server.max_frame_bytes)
+
+        async def flood() -> None:
+            for i, payload in enumerate(payloads):
+                await victim.client.publish(victim_topics[i % len(victim_topics)], payload, qos=1)
+
+        flooding = asyncio.create_task(flood())
+        text, done, events = await canary.turn("tell me about canaries", max_tokens=12)
+        await flooding
+        # The victim's own session got its errors, in order, and still works.
+        errors = 0
+        victim.timeout = TIMEOUT * 3
+        while errors < 200:  # the victim's /in share of the flood, JSON and msgpack
+            _t, event = await victim.recv()
+            if event["type"] == "error" and event["seq"] > 0:
+                errors += 1
+        _vt, vdone, _ = await victim.turn("still there?", max_tokens=3)
+        assert vdone["type"] == "response.done"
+        # The canary saw no error and answered exactly as an untouched session does.
+        assert not [e for e in events if e["type"] == "error"]
+        ref_text, ref_done, _ = await reference.turn("tell me about canaries", max_tokens=12)
+        assert text == ref_text and done["response"]["status"] == ref_done["response"]["status"]
+        assert server.mqtt is not None and server.mqtt.connected
+        live = {k for k in server.sessions.sessions if k.startswith("acme/")}
+        assert len(live) == 3  # no session made by the flood
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_retained_presence_names_the_node_and_is_cleared_at_shutdown(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    async with mqtt_server(mqtt_config(tmp_path, broker)) as server:
+        node = server.node_id
+        async with device(broker, "globex", tenants["globex"]) as d:
+            await d.client.subscribe(f"{P}/nodes/+/presence", qos=1)
+            topic, presence = await d.recv()
+            assert topic == f"{P}/nodes/{node}/presence"
+            assert presence["status"] == "online" and presence["node_id"] == node
+    async with device(broker, "globex", tenants["globex"]) as d:
+        await d.client.subscribe(f"{P}/nodes/+/presence", qos=1)
+        assert await drain(d.client, 0.5) == []  # nothing retained once the node said goodbye
