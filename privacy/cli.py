@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent_runtime.errors import AgentRuntimeError
+from agent_runtime.errors import AgentRuntimeError, PrivacyError
 from privacy.audit import AuditLog, head, verify
+from privacy.mqtt import DEFAULT_PREFIX, acl_lines, broker_config, password_line
 from privacy.tenants import TenantRegistry
 
 __all__ = ["audit_main", "tenants_main"]
@@ -34,7 +35,8 @@ def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def tenants_main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
-    """``tenants add NAME`` | ``tenants list`` | ``tenants revoke NAME_OR_KEY_ID``."""
+    """``tenants add NAME`` | ``tenants list`` | ``tenants revoke NAME_OR_KEY_ID`` |
+    ``tenants mqtt-config NAME``."""
     out = out or sys.stdout
     parser = argparse.ArgumentParser(prog="agent-runtime tenants", description="Manage tenants.")
     _data_dir_arg(parser)
@@ -46,6 +48,19 @@ def tenants_main(argv: Sequence[str] | None = None, *, out: TextIO | None = None
     sub.add_parser("list", help="list tenants and key ids (never keys)")
     rev = sub.add_parser("revoke", help="revoke all keys of a tenant, or one key id")
     rev.add_argument("name")
+    mq = sub.add_parser(
+        "mqtt-config",
+        help="print the Mosquitto password-file line, ACL and config for a tenant (docs/mqtt.md)",
+    )
+    mq.add_argument("name")
+    mq.add_argument(
+        "--key-file",
+        type=Path,
+        help="file holding the tenant's API key, its MQTT password (default: read from stdin)",
+    )
+    mq.add_argument("--bridge-user", default="agent-runtime-bridge", help="the bridge's username")
+    mq.add_argument("--topic-prefix", default=DEFAULT_PREFIX, help="mqtt.topic_prefix of serve")
+    mq.add_argument("--port", type=int, default=1883, help="the broker's listener port")
     args = parser.parse_args(argv)
     try:
         registry = TenantRegistry(args.data_dir)
@@ -66,6 +81,8 @@ def tenants_main(argv: Sequence[str] | None = None, *, out: TextIO | None = None
                     f"{t.name}\tactive={','.join(active) or '-'}\trevoked={','.join(revoked) or '-'}",
                     file=out,
                 )
+        elif args.command == "mqtt-config":
+            _mqtt_config(registry, args, out)
         else:
             count = registry.revoke(args.name)
             audit.append(None, "tenant_revoke", None, keys_revoked=count)
@@ -74,6 +91,39 @@ def tenants_main(argv: Sequence[str] | None = None, *, out: TextIO | None = None
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _mqtt_config(registry: TenantRegistry, args: argparse.Namespace, out: TextIO) -> None:
+    """The broker's lines for one tenant: its password is one of its API keys (checked here),
+    written only as Mosquitto's salted PBKDF2 hash."""
+    if args.key_file is not None:
+        key = args.key_file.read_text(encoding="utf-8").strip()
+    else:
+        key = sys.stdin.readline().strip()
+    if registry.authenticate(key) != args.name:
+        raise PrivacyError(f"that API key does not belong to tenant {args.name!r}")
+    prefix = args.topic_prefix.strip("/")
+    print(
+        f"# password_file line for tenant {args.name} (its MQTT password is that API key)", file=out
+    )
+    print(password_line(args.name, key), file=out)
+    print("", file=out)
+    print("# acl_file (the same for every tenant)", file=out)
+    print("\n".join(acl_lines(args.bridge_user, prefix)), file=out)
+    print("", file=out)
+    print(
+        broker_config(
+            args.port, "/etc/mosquitto/agent-runtime.passwd", "/etc/mosquitto/agent-runtime.acl"
+        ),
+        file=out,
+        end="",
+    )
+    print(
+        f"# the bridge's identity: mosquitto_passwd /etc/mosquitto/agent-runtime.passwd {args.bridge_user}\n"
+        f"# then: agent-runtime serve --mqtt-url mqtt://127.0.0.1:{args.port} "
+        f"--mqtt-username {args.bridge_user} --mqtt-password-file FILE",
+        file=out,
+    )
 
 
 def _session_reports(data_dir: Path) -> list[dict[str, Any]]:

@@ -568,3 +568,80 @@ async def test_retained_presence_names_the_node_and_is_cleared_at_shutdown(
     async with device(broker, "globex", tenants["globex"]) as d:
         await d.client.subscribe(f"{P}/nodes/+/presence", qos=1)
         assert await drain(d.client, 0.5) == []  # nothing retained once the node said goodbye
+
+
+async def test_tenants_mqtt_config_prints_lines_a_real_broker_accepts(
+    tmp_path: Path, tenants: dict[str, str]
+) -> None:
+    import io
+    import os
+    import socket
+
+    from privacy.cli import tenants_main
+    from privacy.mqtt import acl_lines, password_line
+
+    key_file = tmp_path / "acme.key"
+    key_file.write_text(tenants["acme"] + "\n")
+    out = io.StringIO()
+    data = str(tmp_path / "data")
+    args = ["--data-dir", data, "mqtt-config", "acme", "--key-file", str(key_file)]
+    assert tenants_main(args, out=out) == 0
+    text = out.getvalue()
+    assert tenants["acme"] not in text  # only its salted hash
+    line = next(x for x in text.splitlines() if x.startswith("acme:$7$"))
+    assert "\n".join(acl_lines("agent-runtime-bridge")) in text
+    # Another tenant's key is refused.
+    key_file.write_text(tenants["globex"])
+    assert tenants_main(args, out=io.StringIO()) == 1
+    # The printed line, in a real broker's password file, lets acme in with its API key.
+    broker_dir = tmp_path / "cli-broker"
+    broker_dir.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (broker_dir / "passwd").write_text(line + "\n" + password_line("bridge", "pw") + "\n")
+    (broker_dir / "acl").write_text("\n".join(acl_lines("bridge")) + "\n")
+    conf = text[text.index("# agent-runtime: mosquitto.conf") :].split("# the bridge")[0]
+    conf = conf.replace("listener 1883", f"listener {port}")
+    conf = conf.replace("/etc/mosquitto/agent-runtime.passwd", str(broker_dir / "passwd"))
+    conf = conf.replace("/etc/mosquitto/agent-runtime.acl", str(broker_dir / "acl"))
+    if os.geteuid() == 0:
+        conf += "user root\n"
+    (broker_dir / "passwd").chmod(0o600)
+    (broker_dir / "acl").chmod(0o600)
+    (broker_dir / "mosquitto.conf").write_text(conf)
+    broker = Broker(port, broker_dir, "bridge", "pw")
+    broker.start()
+    try:
+        async with device(broker, "acme", tenants["acme"]) as d:
+            await d.client.subscribe(f"{P}/acme/replies/x", qos=1)
+        with pytest.raises(aiomqtt.MqttError):
+            async with device(broker, "acme", "not-the-key"):
+                pass
+    finally:
+        broker.stop()
+
+
+def test_mqtt_settings_by_flag_env_and_file_and_bad_urls_fail_clearly(tmp_path: Path) -> None:
+    import argparse
+
+    from agent_runtime.config import add_arguments, load_config, redacted
+    from agent_runtime.errors import ConfigError
+
+    assert not load_config(env={}).mqtt.enabled  # off by default
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--mqtt-url", "mqtts://broker.example:8883", "--mqtt-username", "br"])
+    cfg = load_config(args, env={"AGENT_RUNTIME_MQTT_PASSWORD_FILE": str(pw)})
+    assert cfg.mqtt.enabled and cfg.mqtt.broker_password() == "s3cret"
+    cfg = load_config(env={"AGENT_RUNTIME_MQTT_URL": "mqtt://u:hunter2@h:1883"})
+    assert cfg.mqtt.broker_password() == "hunter2"
+    assert "hunter2" not in json.dumps(redacted(cfg))
+    for bad in ("http://h:1883", "mqtt://", "mqtt://h:99999", "mqtt://h:1883/path", "h:1883"):
+        with pytest.raises(ConfigError, match=r"mqtt\.url"):
+            load_config(env={"AGENT_RUNTIME_MQTT_URL": bad})
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"AGENT_RUNTIME_MQTT_URL": "http://u:hunter2@h"})
+    assert "hunter2" not in str(info.value)  # a bad URL is named with its password redacted
