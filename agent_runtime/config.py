@@ -267,7 +267,7 @@ class MqttConfig:
     keepalive_s: int = 30
     """MQTT keep-alive; a broker that stays silent twice as long is taken as lost."""
     inbound_queue: int = 1024
-    """Most received messages waiting to be handled; past it the bridge stops reading (the broker queues)."""
+    """Bound of the bridge's received-message queue (aiomqtt's is unbounded by default); past it messages are dropped and logged."""
     session_queue: int = 1024
     """Most server events waiting to be published per session; past it the session is detached (resume by seq)."""
     reconnect_max_s: float = 30.0

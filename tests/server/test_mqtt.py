@@ -645,3 +645,109 @@ def test_mqtt_settings_by_flag_env_and_file_and_bad_urls_fail_clearly(tmp_path: 
     with pytest.raises(ConfigError) as info:
         load_config(env={"AGENT_RUNTIME_MQTT_URL": "http://u:hunter2@h"})
     assert "hunter2" not in str(info.value)  # a bad URL is named with its password redacted
+
+
+def _mqtt_string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    length, encoded = len(body), b""
+    while True:
+        byte, length = length % 128, length // 128
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            return bytes([kind]) + encoded + body
+
+
+def stalled_subscriber(port: int, user: str, password: str, topic: str) -> Any:
+    """An MQTT 3.1.1 client on a raw socket that subscribes to ``topic`` and never reads."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    connect = b"\x00\x04MQTT\x04\xc2\x00\x3c" + _mqtt_string("stalled")
+    sock.sendall(_packet(0x10, connect + _mqtt_string(user) + _mqtt_string(password)))
+    sock.sendall(_packet(0x82, b"\x00\x01" + _mqtt_string(topic) + b"\x01"))
+    return sock
+
+
+async def test_a_subscriber_that_stops_reading_never_stalls_other_sessions(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    config = mqtt_config(tmp_path, broker)
+    config.generation.max_tokens_limit = 100_000
+    async with (
+        mqtt_server(config) as server,
+        device(broker, "acme", tenants["acme"]) as slow,
+        device(broker, "acme", tenants["acme"]) as other,
+    ):
+        await slow.create_session()
+        await other.create_session()
+        sock = stalled_subscriber(broker.port, "acme", tenants["acme"], slow.out_topic)
+        try:
+            await slow.client.unsubscribe(slow.out_topic)  # only the stalled reader listens
+            await slow.send(
+                {"type": "response.create", "response": {"max_tokens": 3000, "min_tokens": 3000}}
+            )
+            session = server.sessions.sessions[f"acme/{slow.session_id}"]
+            async with asyncio.timeout(TIMEOUT):
+                while session.seq < 500:  # noqa: ASYNC110 - the stream is well under way
+                    await asyncio.sleep(0.05)
+            # The other session streams a whole reply meanwhile.
+            _t, done, _ = await other.turn("are you stalled?", max_tokens=16)
+            assert done["response"]["status"] in ("completed", "incomplete")
+            assert session.responding or session.meta.turns == 1
+        finally:
+            sock.close()
+
+
+async def test_an_outbox_that_overflows_detaches_and_a_resume_loses_nothing(
+    tmp_path: Path, broker: Broker, tenants: dict[str, str]
+) -> None:
+    import signal
+
+    config = mqtt_config(tmp_path, broker, disconnect_grace_s=60.0)
+    config.mqtt.session_queue = 16
+    config.generation.max_tokens_limit = 100_000
+    async with mqtt_server(config) as server, device(broker, "acme", tenants["acme"]) as d:
+        d.timeout *= 3
+        await d.create_session()
+        session = server.sessions.sessions[f"acme/{d.session_id}"]
+        assert broker.proc is not None
+        await d.send(
+            {"type": "response.create", "response": {"max_tokens": 400, "min_tokens": 400}}
+        )
+        async with asyncio.timeout(TIMEOUT):
+            while session.seq < 4:  # noqa: ASYNC110 - streaming
+                await asyncio.sleep(0.01)
+        broker.proc.send_signal(signal.SIGSTOP)  # the broker stops acknowledging
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while session.sender is not None:  # noqa: ASYNC110 - the outbox overflows
+                    await asyncio.sleep(0.01)
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(TIMEOUT * 3):
+            while session.responding:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        # Detached by the overflow; the reply finished meanwhile. A resume replays the rest.
+        events: dict[int, dict[str, Any]] = {1: {"type": "session.created"}}  # on the reply topic
+        with contextlib.suppress(TimeoutError):
+            d.timeout = 1.0
+            while True:
+                _t, e = await d.recv()
+                events[e["seq"]] = e
+        d.timeout = TIMEOUT * 3
+        d.last_seq = 1
+        while d.last_seq + 1 in events:  # the contiguous prefix received before the overflow
+            d.last_seq += 1
+        assert d.last_seq < 400  # the overflow lost live events (they are replayed below)
+        resumed = await d.resume()
+        assert not resumed["events_lost"]
+        while events.get(max(events, default=0), {}).get("type") != "response.done":
+            _t, e = await d.recv()
+            events.setdefault(e["seq"], e)
+        assert sorted(events) == list(range(1, max(events) + 1))
