@@ -68,6 +68,7 @@ BENCHES = {
     "privacy": "agent_runtime.bench.privacy:main",
     "faults": "agent_runtime.bench.faults:main",
     "model": "agent_runtime.bench.model:main",
+    "mqtt": "agent_runtime.bench.mqtt:main",
 }
 TOOLS = {
     "chat": ("agent_runtime.client.chat:main", "terminal chat client"),

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import time
 from collections import deque
@@ -76,6 +77,9 @@ INBOX_LIMIT = 256
 LOOSE_LIMIT = 4096
 """Replies not bound to an attached session (create answers, errors) waiting to be published."""
 PUBLISH_TIMEOUT_S = 10.0
+# One small message per token: without TCP_NODELAY, Nagle's algorithm and delayed ACKs add tens
+# of milliseconds (paho does not set it; the broker needs ``set_tcp_nodelay true`` too).
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 BACKOFF_START_S = 0.1
 
 
@@ -404,6 +408,7 @@ class MqttBridge:
             "tls_context": self._tls,
             "timeout": PUBLISH_TIMEOUT_S,
             "logger": logging.getLogger("server.mqtt.client"),
+            "socket_options": NODELAY,
         }
 
     async def _run(self) -> None:
@@ -693,6 +698,7 @@ class MqttPeer:
                 password=password,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 max_queued_incoming_messages=65_536,
+                socket_options=NODELAY,
             ) as client:
                 yield cls(client)
         except aiomqtt.MqttError as exc:
