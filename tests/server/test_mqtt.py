@@ -751,3 +751,23 @@ async def test_an_outbox_that_overflows_detaches_and_a_resume_loses_nothing(
             _t, e = await d.recv()
             events.setdefault(e["seq"], e)
         assert sorted(events) == list(range(1, max(events) + 1))
+
+
+def test_aiomqtt_and_paho_are_imported_by_the_bridge_alone() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    importers = set()
+    for package in ("agent_runtime", "memory", "privacy", "server"):
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                if any(n.split(".")[0] in ("aiomqtt", "paho") for n in names):
+                    importers.add(str(path.relative_to(root)))
+    assert importers == {"server/mqtt.py"}
