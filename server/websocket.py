@@ -54,6 +54,13 @@ class WebsocketEndpoint:
         self.connections: set[ServerConnection] = set()
         self.closing = False  # set at shutdown: new events are refused, pings still answered
 
+    def displace(self, session: Session) -> None:
+        """Another client takes ``session``: the websocket attached to it is closed (4000)."""
+        previous = session.client
+        if isinstance(previous, Connection):
+            previous.session = None
+            self.spawn(previous.ws.close(4000, "session resumed on another connection"))
+
     async def __call__(self, ws: ServerConnection) -> None:
         codec = p.CODECS[ws.subprotocol or p.JSON_SUBPROTOCOL]
         conn = Connection(self, ws, codec, tenant=self.tenant_of.pop(ws))
@@ -226,12 +233,10 @@ class Connection:
 
     def attach(self, session: Session) -> None:
         """Make this connection the session's only client; a previous one is closed (4000)."""
-        previous = session.client
+        if session.client is not self:
+            self.endpoint.displace(session)
         self.session = session
         session.attach(self.send, self)
-        if isinstance(previous, Connection) and previous is not self:
-            previous.session = None
-            self.endpoint.spawn(previous.ws.close(4000, "session resumed on another connection"))
 
     def on_close(self) -> None:
         if self.session is not None:

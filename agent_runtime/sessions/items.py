@@ -113,9 +113,7 @@ class Ledger:
         mac = hmac.new(self.salt, f"{role}\0{text}".encode(), hashlib.sha256)
         return mac.hexdigest()[:32]
 
-    def add(
-        self, item_id: str, role: str, text: str, ends: np.ndarray, *, start: int = -1
-    ) -> Item:
+    def add(self, item_id: str, role: str, text: str, ends: np.ndarray, *, start: int = -1) -> Item:
         item = Item(item_id, role, self.digest(role, text), len(text), time.time(), ends, start)
         self.items.append(item)
         return item
