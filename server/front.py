@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -257,7 +258,13 @@ class FrontConnection(ServerConnection):
         if reply.stream is None:
             headers.append(("Content-Length", str(len(reply.body))))
         try:
-            self._write(h11.Response(status_code=reply.status, headers=headers))
+            self._write(
+                h11.Response(
+                    status_code=reply.status,
+                    headers=headers,
+                    reason=HTTPStatus(reply.status).phrase.encode(),
+                )
+            )
             if reply.stream is None:
                 if reply.body and not head_only:
                     self._write(h11.Data(data=reply.body))
@@ -286,14 +293,17 @@ class FrontConnection(ServerConnection):
         assert self._h11 is not None
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = f"{HTTPStatus(status).phrase}: {message}\n".encode()
+        code = {400: "bad_request", 413: "body_too_large", 431: "headers_too_large"}
+        error = {
+            "message": f"{HTTPStatus(status).phrase}: {message}",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": code.get(status, "bad_request"),
+        }
+        body = json.dumps({"error": error}).encode()
         with contextlib.suppress(Exception):
             await self._send(
-                Reply(
-                    status,
-                    [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")],
-                    body,
-                )
+                Reply(status, [("Content-Type", "application/json"), ("Connection", "close")], body)
             )
 
 
