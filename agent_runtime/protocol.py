@@ -329,6 +329,10 @@ MAX_PREFIX_CHARS = 1024
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # as agent_runtime.layout checks it
 
 
+def valid_session_id(session_id: str) -> bool:
+    return bool(_SESSION_ID.fullmatch(session_id))
+
+
 def parse_client_event(raw: object, *, max_message_chars: int) -> ClientEvent:
     """Validate one decoded frame into a typed client event."""
     if not isinstance(raw, dict):

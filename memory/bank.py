@@ -236,6 +236,7 @@ class MemoryBank:
                 scores=np.zeros((q, k), np.float32),
                 ids=np.full((q, k), -1, np.int64),
                 mask=np.zeros((q, k), np.bool_),
+                positions=np.full((q, k), -1, np.int64),
             )
         holes = st.live < self._index.ntotal
         scores, rows = self._index.search(
@@ -253,7 +254,8 @@ class MemoryBank:
         ids = np.where(mask, st.ids[safe], -1)
         scores = np.where(mask, scores, 0.0).astype(np.float32)
         self._touch(now, rows[mask])
-        return SearchResult(values=values, scores=scores, ids=ids, mask=mask)
+        positions = np.where(mask, st.positions[safe], -1)
+        return SearchResult(values=values, scores=scores, ids=ids, mask=mask, positions=positions)
 
     def search_parts(
         self, queries: np.ndarray, k: int, first: int = 0, span: int = 0

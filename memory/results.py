@@ -26,7 +26,7 @@ class SearchResult:
     ids: np.ndarray  # (q, k) int64 stable entry ids
     mask: np.ndarray  # (q, k) bool
     positions: np.ndarray | None = None
-    """Stored positions of the entries (``search_parts`` only; -1 where invalid)."""
+    """Stored positions of the entries (-1 where invalid)."""
     keys: np.ndarray | None = None
     """Stored keys (``search_parts`` only): (parts, q, k, key_dim / parts) float32."""
 

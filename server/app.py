@@ -17,12 +17,15 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request as WsRequest
 from websockets.typing import Subprotocol
 
 from agent_runtime import protocol as p
@@ -37,8 +40,10 @@ from privacy.audit import AuditLog
 from privacy.crypto import KeyStore
 from privacy.tenants import RedisUsedTickets, TenantRegistry, TicketIssuer
 from server.auth import Authenticator
-from server.http import WS_PATH, HttpRoutes
+from server.front import FrontConnection, HttpRequest, Reply, connection_factory
+from server.http import TEXT, WS_PATH, HttpRoutes, response, to_reply
 from server.mqtt import MqttBridge
+from server.openai_api import OpenAIRoutes, is_api_path
 from server.websocket import WebsocketEndpoint, select_subprotocol
 
 __all__ = ["Server"]
@@ -85,6 +90,7 @@ class Server:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self._ws: WsServer | None = None
+        self._http_conns: set[FrontConnection] = set()  # connections serving plain HTTP
         self._reaper: asyncio.Task[None] | None = None
         self._storage_watch: asyncio.Task[None] | None = None
         self.lock = DirectoryLock(data_dir)
@@ -131,6 +137,15 @@ class Server:
             self.mqtt = MqttBridge(
                 config, self.sessions, self.auth, self.audit, r, self.spawn, self.node_id
             )
+        self.openai = OpenAIRoutes(
+            config,
+            self.sessions,
+            self.auth,
+            self.audit,
+            served_model_id(config),
+            self.websocket.displace,
+            lambda: self._closing,
+        )
 
     @property
     def port(self) -> int:
@@ -192,7 +207,26 @@ class Server:
             # close the connection (1009) before they are buffered.
             max_size=4 * cfg.max_frame_bytes,
             compression=None,  # token deltas are tiny; deflate would cost more than it saves
+            # plain HTTP (the OpenAI API, SSE) is served by server/front.py on the same port;
+            # it applies the handshake timeout itself (a stream may outlive any open timeout)
+            create_connection=connection_factory(  # type: ignore[arg-type]  # a factory is allowed
+                self._route_http, lambda: self._closing, self._http_conns
+            ),
+            open_timeout=None,
         )
+
+    async def _route_http(self, request: HttpRequest, conn: FrontConnection) -> Reply:
+        if is_api_path(request.path):
+            return await self.openai(request, conn)
+        if request.method not in ("GET", "HEAD"):
+            return to_reply(
+                response(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed\n", TEXT),
+                [("Allow", "GET, HEAD")],
+            )
+        ws_request = WsRequest(request.path, Headers(request.headers))
+        answer = await self.http(conn, ws_request)
+        assert answer is not None  # not an upgrade: always answered
+        return to_reply(answer)
 
     async def _warm_up(self) -> None:
         """Produce one token with a throwaway state, so /readyz means the model really answers."""
@@ -243,6 +277,8 @@ class Server:
                 await asyncio.gather(task, return_exceptions=True)
         if self._ws is not None:
             self._ws.close(close_connections=False)  # stop accepting new connections
+            for front in list(self._http_conns):
+                front.wake()  # idle keep-alive HTTP connections close now
         self.websocket.closing = True  # and new work on open ones: nothing outlives the snapshot
         if self.mqtt is not None:
             self.mqtt.closing = True
@@ -279,3 +315,12 @@ class Server:
         if self.mqtt is not None and not self.mqtt.connected:
             return False  # a configured bridge that lost its broker is not ready
         return self.ready and self.sessions.storage.healthy and await self.store.ping()
+
+
+def served_model_id(config: RuntimeConfig) -> str:
+    """The ``model`` the OpenAI API serves: the ``--model`` name (a file's or directory's name),
+    or ``agent-runtime-bundled`` for the bundled byte model."""
+    model = config.engine.model
+    if not model:
+        return "agent-runtime-bundled"
+    return Path(model).name if ("/" in model or model.endswith(".gguf")) else model

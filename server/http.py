@@ -27,8 +27,9 @@ from agent_runtime.errors import AuthenticationError
 from agent_runtime.metrics import Registry
 from privacy.audit import AuditLog
 from server.auth import Authenticator
+from server.front import Reply
 
-__all__ = ["STATIC", "WS_PATH", "HttpRoutes", "response"]
+__all__ = ["STATIC", "TEXT", "WS_PATH", "HttpRoutes", "response", "to_reply"]
 
 WS_PATH = "/v1/realtime"
 STATIC = Path(__file__).parent / "static"
@@ -158,3 +159,9 @@ def page_csp(html: str) -> str:
         " connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none';"
         " frame-ancestors 'none'"
     )
+
+
+def to_reply(answer: Response, extra: list[tuple[str, str]] | None = None) -> Reply:
+    """A websockets ``Response`` as the front's :class:`Reply` (served by h11)."""
+    headers = [(k, v) for k, v in answer.headers.raw_items() if k.lower() != "content-length"]
+    return Reply(answer.status_code, [*headers, *(extra or [])], bytes(answer.body or b""))

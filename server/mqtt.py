@@ -228,7 +228,7 @@ class MqttSession(EventHandler):
         while self.outbox:
             event = self.outbox[0]
             ok = await self.bridge.publish(
-                _Outgoing(self.out_topic, self.codec.encode(event), _properties(self.codec))
+                _Outgoing(self.out_topic, self.codec.encode(event), None)
             )
             if not ok:  # the broker went away: the bridge detaches every session
                 self.outbox.clear()

@@ -17,7 +17,7 @@ from websockets.typing import Subprotocol
 from agent_runtime import protocol as p
 from agent_runtime.config import RuntimeConfig
 from agent_runtime.metrics import Counter
-from agent_runtime.sessions import SessionManager
+from agent_runtime.sessions import Session, SessionManager
 from server.events import EventHandler, Spawn
 
 __all__ = ["Connection", "WebsocketEndpoint", "select_subprotocol"]
@@ -41,6 +41,13 @@ class WebsocketEndpoint:
         self.spawn = spawn
         self.connections: set[ServerConnection] = set()
         self.closing = False  # set at shutdown: new events are refused, pings still answered
+
+    def displace(self, session: Session) -> None:
+        """Another client takes ``session``: the client attached to it is superseded (a
+        websocket is closed with 4000; an MQTT session stops publishing)."""
+        previous = session.client
+        if isinstance(previous, EventHandler):
+            previous.superseded()
 
     async def __call__(self, ws: ServerConnection) -> None:
         codec = p.CODECS[ws.subprotocol or p.JSON_SUBPROTOCOL]

@@ -137,10 +137,16 @@ class Client:
 
 @asynccontextmanager
 async def client(
-    server: Server, subprotocol: str = "agent-runtime.v1.json"
+    server: Server, subprotocol: str = "agent-runtime.v1.json", api_key: str | None = None
 ) -> AsyncIterator[Client]:
     url = f"ws://127.0.0.1:{server.port}/v1/realtime"
-    async with connect(url, subprotocols=[subprotocol], open_timeout=TIMEOUT) as ws:  # type: ignore[list-item]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with connect(
+        url,
+        subprotocols=[subprotocol],  # type: ignore[list-item]
+        open_timeout=TIMEOUT,
+        additional_headers=headers,
+    ) as ws:
         yield Client(ws)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["OutputCollector", "ResponseResult"]
 
@@ -23,6 +23,11 @@ class ResponseResult:
     memory_retrieved: int
     memory_written: int
     error: str | None = None
+    text: str = ""  # the reply as delivered (stop sequences cut)
+    tokens: list[int] = field(default_factory=list)  # the reply's tokens (END excluded)
+    start: int = -1  # position of the prompt's first token; the reply follows the prompt
+    attended: dict[int, float] = field(default_factory=dict)
+    """Stored position -> share of the reply's attention that memory entry received (top ones)."""
 
 
 class OutputCollector:

@@ -37,6 +37,8 @@ __all__ = ["Engine", "Generation"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PROVENANCE_KEEP = 64
+"""Memory entries a response keeps attention statistics for (the strongest ones)."""
 
 
 @dataclass(eq=False)
@@ -59,8 +61,27 @@ class Generation:
     written_at_start: int = 0
     checkpoint: SessionState | None = None
     prompt_pos: int = 0  # prompt tokens fed so far (prefill is chunked)
+    start_position: int = -1  # position of the prompt's first token (known once it is fed)
     admitted_at: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
+    attended: dict[int, float] = field(default_factory=dict)  # position -> attention mass
+    queries: int = 0  # the query rows that mass is spread over
+
+    def note_attention(self, attended: dict[int, float], queries: int) -> None:
+        """Add one decode step's attention to memory (bounded: the strongest entries stay)."""
+        for position, mass in attended.items():
+            self.attended[position] = self.attended.get(position, 0.0) + mass
+        self.queries += queries
+        if len(self.attended) > 4 * PROVENANCE_KEEP:
+            top = sorted(self.attended.items(), key=lambda kv: -kv[1])[:PROVENANCE_KEEP]
+            self.attended = dict(top)
+
+    def attention_shares(self) -> dict[int, float]:
+        """The strongest entries' share of the response's attention (position -> share)."""
+        if not self.queries:
+            return {}
+        top = sorted(self.attended.items(), key=lambda kv: -kv[1])[:PROVENANCE_KEEP]
+        return {position: mass / self.queries for position, mass in top}
 
 
 class Engine:
@@ -244,8 +265,12 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.step.observe(time.perf_counter() - started)
                 self.metrics.retrieval.observe(stats.search_seconds)
-            for req, g, row, n in zip(group, gens, logits, stats.retrieved, strict=True):
+            for i, (req, g, row, n) in enumerate(
+                zip(group, gens, logits, stats.retrieved, strict=True)
+            ):
                 g.retrieved += n
+                if stats.attended:
+                    g.note_attention(stats.attended[i], stats.queries[i])
                 self._isolated(req, functools.partial(self._accept_logits, req, row))
 
     def _accept_logits(self, req: Request, logits: torch.Tensor) -> None:
@@ -259,6 +284,7 @@ class Engine:
             self._prefilling = None
             end = self.model.end_token
             self.model.prefill(g.state, [*g.prompt[g.prompt_pos :], end], g.bank)
+            g.start_position = g.state.position - len(g.prompt) - 1
             self._finish(req, "cancelled")
             return
         W = self.model.block
@@ -269,6 +295,7 @@ class Engine:
             self.metrics.prompt_tokens.inc(len(chunk))
         if g.prompt_pos >= len(g.prompt):
             self._prefilling = None
+            g.start_position = g.state.position - len(g.prompt)
             g.state.recent_ids = []  # ids the reply writes, removed again if it is rolled back
             g.checkpoint = self.model.checkpoint(g.state)
             assert logits is not None
@@ -373,6 +400,10 @@ class Engine:
             memory_retrieved=g.retrieved,
             memory_written=g.state.written - g.written_at_start,
             error=error,
+            text=g.text[: g.emitted],
+            tokens=[t for t in req.output_tokens if t != self.model.end_token],
+            start=g.start_position,
+            attended=g.attention_shares(),
         )
         if self.metrics is not None:
             self.metrics.responses.inc()

@@ -34,7 +34,14 @@ if TYPE_CHECKING:
 
     from memory import MemoryBank
 
-__all__ = ["ChatModel", "SessionState", "StepStats", "TextStream", "write_memories"]
+__all__ = [
+    "ChatModel",
+    "SessionState",
+    "StepStats",
+    "TextStream",
+    "add_mass",
+    "write_memories",
+]
 
 S = TypeVar("S", bound="SessionState")
 
@@ -84,10 +91,30 @@ class TextStream(Protocol):
 
 @dataclass
 class StepStats:
-    """What one batched step retrieved (per row) and how long its bank searches took."""
+    """What one batched step retrieved (per row) and how long its bank searches took.
+
+    ``attended[b]`` maps the stored position of each memory entry row ``b`` attended to the
+    attention mass it received, summed over the step's ``queries[b]`` query rows (heads x tokens
+    x memory layers; each row's memory weights sum to at most 1): what provenance reports.
+    """
 
     retrieved: list[int] = field(default_factory=list)
     search_seconds: float = 0.0
+    attended: list[dict[int, float]] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+
+
+def add_mass(into: dict[int, float], positions: np.ndarray, weights: np.ndarray) -> None:
+    """Add attention ``weights`` to ``into[position]`` (entries with position < 0 are empty)."""
+    pos = positions.reshape(-1)
+    w = weights.reshape(-1)
+    keep = (pos >= 0) & (w > 0)
+    if not keep.any():
+        return
+    uniq, inverse = np.unique(pos[keep], return_inverse=True)
+    sums = np.bincount(inverse, weights=w[keep].astype(np.float64))
+    for position, mass in zip(uniq.tolist(), sums.tolist(), strict=True):
+        into[position] = into.get(position, 0.0) + mass
 
 
 class ChatModel(Protocol[S]):

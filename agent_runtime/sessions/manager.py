@@ -40,6 +40,7 @@ from agent_runtime.files import StorageHealth
 from agent_runtime.layout import BANK_DIR, session_directory
 from agent_runtime.metrics import EngineMetrics
 from agent_runtime.models.base import SessionState
+from agent_runtime.sessions.items import Ledger, char_ends
 from agent_runtime.sessions.session import Session
 from agent_runtime.sessions.store import SessionMeta, SessionStore
 from memory import MemoryBank, MemoryConfig
@@ -168,7 +169,12 @@ class SessionManager:
                 bank.recovered_uncommitted,
             )
         header = saved.header if saved is not None else None
-        return _Opened(state, bank, privacy, cipher, directory, header, reserved)
+        try:
+            ledger = Ledger.from_json(header.ledger if header is not None else None)
+        except BaseException:
+            bank.close(sync=False)
+            raise
+        return _Opened(state, bank, privacy, cipher, directory, header, reserved, ledger)
 
     def _register(
         self, opened: _Opened, session_id: str, tenant: str, meta: SessionMeta
@@ -184,6 +190,7 @@ class SessionManager:
         )
         session.privacy = opened.privacy
         session.cipher = opened.cipher
+        session.ledger = opened.ledger
         session.on_detach = self.detached
         if opened.privacy.enabled:
             opened.state.protect = session.protect_keys
@@ -205,7 +212,7 @@ class SessionManager:
                 raise
             session = self._register(opened, session_id, tenant, meta)
         if instructions:
-            session.pending += self.model.encode_turn("system", instructions)
+            self._append(session, p.new_id("item"), "system", instructions)
         self._audit(tenant, "create", session_id)
         self._audit(tenant, "privacy_params", session_id, **opened.privacy.audit_details())
         log.info("session %s created for tenant %s", session_id, _tenant_tag(tenant))
@@ -317,9 +324,32 @@ class SessionManager:
 
     async def add_item(self, session: Session, role: str, text: str) -> str:
         """Append a message to the session (fed to the model with the next response)."""
-        session.pending += self.model.encode_turn(role, text)
         item_id = p.new_id("item")
+        self._append(session, item_id, role, text)
         await session.emit(p.item_created(item_id, role))
+        return item_id
+
+    def _append(self, session: Session, item_id: str, role: str, text: str) -> None:
+        tokens = self.model.encode_turn(role, text)
+        session.pending += tokens
+        session.ledger.add(item_id, role, text, char_ends(self.model, tokens, text))
+
+    def _record_reply(self, session: Session, result: ResponseResult) -> str | None:
+        """Place the prompt's items at the positions the model gave them and add the reply
+        (unless it was rolled back); returns the reply's item id."""
+        ledger = session.ledger
+        if result.start < 0:  # failed before its prompt was fed: nothing to place
+            ledger.items = [it for it in ledger.items if it.start >= 0]
+            return None
+        reply_start = ledger.place(result.start)
+        rolled_back = result.status == "cancelled" and not session.reply_commit_on_cancel
+        if rolled_back or (result.reason == "cancelled" and not result.tokens):
+            return None
+        text = session.reply_prefix_text + result.text
+        tokens = [*session.reply_prompt_tokens, *result.tokens]
+        item_id = p.new_id("item")
+        ends = char_ends(self.model, tokens, text)
+        ledger.add(item_id, "assistant", text, ends, start=reply_start)
         return item_id
 
     async def memory_stats(self, session: Session) -> None:
@@ -347,15 +377,17 @@ class SessionManager:
             raise ConflictError(
                 "a response is already active on this session", code="response_in_progress"
             )
-        prompt = [*session.pending, *self.model.reply_prefix]
-        if prefix:
-            prompt += self.model.encode_text(prefix)
+        opening = [*self.model.reply_prefix, *(self.model.encode_text(prefix) if prefix else [])]
+        prompt = [*session.pending, *opening]
         gen = self.engine.generation(
             session.state, session.bank, prompt, params, commit_on_cancel=commit_on_cancel
         )
         self.engine.generate(response_id, session.key, gen)  # may raise Overloaded/Conflict
         session.pending = []
         session.response_id = response_id
+        session.reply_prompt_tokens = opening
+        session.reply_prefix_text = prefix
+        session.reply_commit_on_cancel = commit_on_cancel
         await session.emit(p.response_created(response_id))
         session.response_task = asyncio.create_task(
             self._stream(session, response_id, gen.collector), name=f"response-{response_id}"
@@ -369,8 +401,13 @@ class SessionManager:
                     await session.emit(p.output_text_delta(response_id, text))
                 if result is not None:
                     break
+            item_id = self._record_reply(session, result)
             result = await self._commit(session, result)
-            await session.emit(_response_done(response_id, result, len(session.bank)))
+            provenance = session.ledger.provenance(result.attended)
+            done = _response_done(response_id, result, len(session.bank))
+            done["response"]["item_id"] = item_id
+            done["response"]["memory"]["provenance"] = provenance
+            await session.emit(done)
         except asyncio.CancelledError:
             self.engine.abort(response_id)
             raise
@@ -564,6 +601,7 @@ class _Opened:
     directory: Path
     header: state_file.StateHeader | None = None
     reserved_seq: int = 0
+    ledger: Ledger = dataclasses.field(default_factory=Ledger)
 
 
 def _state_header(session: Session, *, turns: int) -> state_file.StateHeader:
@@ -573,6 +611,7 @@ def _state_header(session: Session, *, turns: int) -> state_file.StateHeader:
         turns=turns,
         tokens=session.state.position,
         seq=session.seq,
+        ledger=session.ledger.as_json(),
     )
 
 

@@ -24,6 +24,7 @@ import agent_runtime.sessions.state as state_file
 from agent_runtime import protocol as p
 from agent_runtime.errors import StorageError
 from agent_runtime.models.base import SessionState
+from agent_runtime.sessions.items import Ledger
 from agent_runtime.sessions.store import SessionMeta
 from memory import MemoryBank
 from privacy.crypto import SessionCipher
@@ -59,6 +60,10 @@ class Session:
         self.directory = directory
         self.meta = meta
         self.pending: list[int] = []  # tokens of items not yet fed to the model
+        self.ledger = Ledger()  # which item each token came from (no text): provenance, history
+        self.reply_prompt_tokens: list[int] = []  # the active reply's opening (markup, prefix)
+        self.reply_prefix_text = ""
+        self.reply_commit_on_cancel = False
         self.privacy: SessionPrivacy | None = None
         self.memory_stop_reported = False
         self.cipher: SessionCipher | None = None

@@ -53,6 +53,8 @@ class StateHeader:
     seq: int = 0
     bank_position: tuple[int, int] | None = None
     """The bank's (generation, committed log records) when this state was saved."""
+    ledger: dict[str, Any] | None = None
+    """The item ledger (``agent_runtime.sessions.items``): ids, spans, digests; no text."""
 
     @classmethod
     def parse(cls, raw: object, session_id: str, fallback_created: float) -> StateHeader:
@@ -65,6 +67,7 @@ class StateHeader:
                 tokens=int(doc.get("tokens", 0)),
                 seq=int(doc.get("seq", 0)),
                 bank_position=_position(doc.get("bank")),
+                ledger=doc.get("items") if isinstance(doc.get("items"), dict) else None,
             )
         except (TypeError, ValueError) as exc:
             raise BankFormatError(f"{STATE_FILE}: malformed header: {exc}") from exc
@@ -91,6 +94,7 @@ def save(
             "tokens": header.tokens,
             "seq": header.seq,
             "bank": list(header.bank_position) if header.bank_position is not None else None,
+            "items": header.ledger,
         }
     ).encode()
     blob = _MAGIC + _LEN.pack(len(head)) + head + model.save_state(state)

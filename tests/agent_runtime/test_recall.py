@@ -1,5 +1,6 @@
 """The product's claim, end to end: over the websocket API, the bundled model recalls a fact told
-more than 4K tokens earlier (far beyond its 128-token window), and only through its memory."""
+more than 4K tokens earlier (far beyond its 128-token window), and only through its memory; and
+the answer's provenance names the message that stated it."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ async def test_bundled_model_recalls_a_fact_told_4k_tokens_earlier(
     async with running_server(config, model) as server, client(server) as c:
         c.timeout *= 6  # the question's turn first reads the ~4.5K queued tokens
         await c.create_session()
-        await c.turn(fact.statement(rng), max_tokens=16, temperature=0)
+        statement = fact.statement(rng)
+        _, _, told = await c.turn(statement, max_tokens=16, temperature=0)
+        (stated_in,) = [e["item"]["id"] for e in told if e["type"] == "conversation.item.created"]
         for text in _filler_messages(seed, GAP_TOKENS):
             await c.add_message(text)
             await c.until("conversation.item.created")
@@ -49,3 +52,9 @@ async def test_bundled_model_recalls_a_fact_told_4k_tokens_earlier(
     assert done["response"]["memory"]["entries"] > GAP_TOKENS
     assert done["response"]["memory"]["retrieved"] > 0
     assert stated_value(reply) == fact.value, reply
+    # Provenance: the answer leaned most on the message that stated the fact, on the value.
+    top = done["response"]["memory"]["provenance"][0]
+    assert top["item_id"] == stated_in, done["response"]["memory"]["provenance"]
+    begin, end = top["span"]
+    assert fact.value in statement[begin:end], (statement, top)
+    assert top["role"] == "user" and 0 < top["score"] <= 1 and top["age_s"] >= 0

@@ -303,10 +303,12 @@ async def test_a_fact_told_over_mqtt_is_recalled_over_the_websocket(
         async with ws_connect(server, tenants["acme"]) as ws:
             web = Client(ws)
             web.timeout *= 6
-            await web.send({"type": "session.resume", "session_id": d.session_id})
+            await web.send(
+                {"type": "session.resume", "session_id": d.session_id, "last_seq": d.last_seq}
+            )
             await web.until("session.resumed")
             reply, done, _ = await web.turn(fact.question(rng), max_tokens=48, temperature=0)
-    assert done["response"]["memory"]["entries"] > GAP_TOKENS
+    assert done["response"]["memory"]["entries"] > GAP_TOKENS, done
     assert done["response"]["memory"]["retrieved"] > 0
     assert stated_value(reply) == fact.value, reply
 

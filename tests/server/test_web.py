@@ -178,3 +178,44 @@ async def test_page_sends_security_headers_and_loads_without_errors(
         await expect(page.locator("#status")).to_have_text(re.compile(r"^session sess_\w+$"))
         await expect(page.locator("#about")).to_contain_text("not a general chatbot")
         assert problems == []
+
+
+async def test_an_answer_shows_on_click_which_message_its_memories_came_from(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The bundled model is told a fact, then ~1K tokens of other talk, then asked: under the
+    answer, "memories used" opens to name the user's first message and quote the value."""
+    import random
+
+    from agent_runtime.models.byte import BUNDLED_CHECKPOINT
+    from agent_runtime.models.byte.model import load_checkpoint
+    from tests.agent_runtime.test_recall import _filler_messages, _held_out_fact
+
+    config = make_config(tmp_path)
+    config.generation.max_tokens = 48
+    model, _ = load_checkpoint(BUNDLED_CHECKPOINT)
+    fact = _held_out_fact(21)
+    rng = random.Random(21)
+    async with running_server(config, model) as server:
+        page = await open_page(browser, server.port)
+        await expect(page.locator("#status")).to_have_text(re.compile(r"^session sess_\w+$"))
+        await send(page, fact.statement(rng))
+        await reply_finished(page, 1)
+        await send(page, " ".join(_filler_messages(21, 1200)))
+        await reply_finished(page, 2)
+        await send(page, fact.question(rng))
+        await reply_finished(page, 3)
+        await expect(page.locator(".msg.assistant").nth(2)).to_contain_text(fact.value)
+        sources = page.locator(".sources").last
+        first = sources.locator("li").first
+        await expect(first).not_to_be_visible()  # collapsed until clicked
+        await sources.locator("summary").click()
+        await expect(first).to_be_visible()
+        await expect(first).to_contain_text("from your message 1")
+        await expect(first).to_contain_text(fact.value)
+        await expect(first).to_contain_text(re.compile(r"\d+ s ago"))
+        # and it survives a reload (the transcript keeps ids and provenance)
+        await page.reload()
+        await expect(page.locator(".sources").last.locator("summary")).to_have_text(
+            re.compile(r"^memories used \(\d\)$")
+        )

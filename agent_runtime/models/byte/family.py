@@ -110,7 +110,8 @@ class ByteChatModel:
         banks: Sequence[MemoryBank | None],
     ) -> tuple[Tensor, StepStats]:
         logits, retriever = generation.decode_step(self.model, states, tokens, banks)
-        return logits, StepStats(list(retriever.retrieved), retriever.seconds)
+        attended, queries = retriever.attention_mass()
+        return logits, StepStats(list(retriever.retrieved), retriever.seconds, attended, queries)
 
     @classmethod
     def load(cls, path: Path, device: str) -> ByteChatModel:

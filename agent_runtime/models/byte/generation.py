@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from agent_runtime.models.base import write_memories
+from agent_runtime.models.base import add_mass, write_memories
 from agent_runtime.models.byte.model import (
     NO_POSITION,
     NO_TOKEN,
@@ -99,12 +99,14 @@ class BankRetriever:
         self.banks = banks
         self.retrieved = [0] * len(banks)
         self.seconds = 0.0  # time spent in bank searches
+        self.retrievals: list[Retrieval] = []  # this forward's, for attention_mass()
 
     def __call__(self, queries: Tensor, k: int) -> Retrieval:
         B, H, T, hs = queries.shape
         scores = torch.zeros(B, H, T, k)
         values = torch.zeros(B, H, T, k, hs)
         mask = torch.zeros(B, H, T, k, dtype=torch.bool)
+        positions = torch.full((B, H, T, k), -1, dtype=torch.long)
         rows = [b for b, bank in enumerate(self.banks) if bank is not None and len(bank) > 0]
         if rows:
             started = time.perf_counter()
@@ -118,10 +120,29 @@ class BankRetriever:
                 scores[b] = torch.from_numpy(res.scores).view(H, T, k)
                 values[b] = torch.from_numpy(res.values).view(H, T, k, hs)
                 mask[b] = torch.from_numpy(res.mask).view(H, T, k)
+                if res.positions is not None:
+                    positions[b] = torch.from_numpy(res.positions).view(H, T, k)
                 self.retrieved[b] += int(res.mask.sum())
             self.seconds += time.perf_counter() - started
         dev = queries.device
-        return Retrieval(scores.to(dev), values.to(dev), mask.to(dev))
+        retrieval = Retrieval(scores.to(dev), values.to(dev), mask.to(dev), positions)
+        self.retrievals.append(retrieval)
+        return retrieval
+
+    def attention_mass(self) -> tuple[list[dict[int, float]], list[int]]:
+        """Per row: stored position -> attention mass received in this forward, and the number
+        of query rows (heads x tokens) that mass is spread over."""
+        attended: list[dict[int, float]] = [{} for _ in self.banks]
+        queries = [0] * len(self.banks)
+        for r in self.retrievals:
+            if r.weights is None or r.positions is None:
+                continue
+            weights = r.weights.float().cpu().numpy()
+            positions = r.positions.numpy()
+            for b in range(len(self.banks)):
+                queries[b] += positions.shape[1] * positions.shape[2]
+                add_mass(attended[b], positions[b], weights[b])
+        return attended, queries
 
 
 def _stack_caches(states: Sequence[GenerationState]) -> KVCache:

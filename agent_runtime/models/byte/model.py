@@ -94,6 +94,10 @@ class Retrieval:
     scores: Tensor
     values: Tensor
     mask: Tensor
+    positions: Tensor | None = None
+    """Stored positions of the entries (B, H, T, k), -1 where invalid (serving only)."""
+    weights: Tensor | None = None
+    """Set by the attention that consumed this retrieval: the mass each entry received."""
 
 
 class Retriever(Protocol):
@@ -264,6 +268,8 @@ class MemoryAttention(nn.Module):
             # Where nothing could be retrieved, the token relies on local attention alone.
             has_mem = mem.mask.any(-1, keepdim=True)
             out = torch.where(has_mem, g * mem_out + (1 - g) * local, local)
+            if mem.positions is not None:  # provenance: the gated share each entry received
+                mem.weights = (weights * g).detach()
         y = self.proj(out.transpose(1, 2).reshape(B, T, C))
         return y, (kr, v), (kn[:, 0], v[:, 0])
 

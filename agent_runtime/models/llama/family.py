@@ -281,8 +281,12 @@ class LlamaChatModel:
             if state.after_end_due and self._after_end:  # a reply never follows a bare terminator
                 self.prefill(state, self._after_end, bank)
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        logits, retrieved, seconds = forward_rows(self.model, self.plan, states, idx, banks)
-        return logits, StepStats(retrieved, seconds)
+        attended: list[dict[int, float]] = [{} for _ in states]
+        queries = [0] * len(states)
+        logits, retrieved, seconds = forward_rows(
+            self.model, self.plan, states, idx, banks, attended=attended, queries=queries
+        )
+        return logits, StepStats(retrieved, seconds, attended, queries)
 
 
 def tiny_random(seed: int = 0, **plan: object) -> LlamaChatModel:

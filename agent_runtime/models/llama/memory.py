@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from agent_runtime.errors import ConfigError
-from agent_runtime.models.base import write_memories
+from agent_runtime.models.base import add_mass, write_memories
 from agent_runtime.models.llama.model import LlamaModel
 from memory import MemoryBank
 
@@ -126,6 +126,7 @@ class _Retrieved:
     values: Tensor  # (kv, g, T, k, D)
     positions: Tensor  # (kv, g, T, k) true positions
     mask: Tensor  # (kv, g, T, k)
+    weights: Tensor | None = None  # set by _attend_row: the attention each entry received
 
 
 def _search(
@@ -250,6 +251,7 @@ def _attend_row(
         sm = torch.einsum("hgtd,hgtkd->hgtk", qg, mk) * scale
         sm = sm.masked_fill(~mem.mask, float("-inf"))
         p = torch.softmax(torch.cat([sm, win], dim=-1), dim=-1)
+        mem.weights = p[..., :n_mem]
         out = torch.einsum("hgtk,hgtkd->hgtd", p[..., :n_mem], mem.values.float())
         out = out + _mix(p[..., n_mem:], vals_win)
     return out.permute(2, 0, 1, 3).reshape(T, H, D).to(q.dtype)
@@ -305,11 +307,14 @@ def forward_rows(
     banks: Sequence[MemoryBank | None],
     *,
     every: bool = False,
+    attended: list[dict[int, float]] | None = None,
+    queries: list[int] | None = None,
 ) -> tuple[Tensor, list[int], float]:
     """Feed tokens (B, T) to B sessions (batched projections and MLPs, per-row attention and
     bank searches); returns the last logits (B, vocab) (``every``: all of them, (B, T, vocab)),
     entries retrieved per row, and the seconds spent searching. T must not cross a multiple of
-    ``plan.block`` for any row."""
+    ``plan.block`` for any row. ``attended``/``queries`` (one per row), when given, collect the
+    attention mass each stored position received and the query rows it is spread over."""
     B = tokens.shape[0]
     kv = model.cfg.num_kv_heads
     x = model.embed(tokens)
@@ -331,6 +336,10 @@ def forward_rows(
                 searching += time.perf_counter() - began
                 retrieved[b] += n
             out[b] = _attend_row(rope, plan, states[b], li, q[b], k[b], v[b], mem)
+            if attended is not None and queries is not None and li in memory_at:
+                queries[b] += q.shape[1] * q.shape[2]  # tokens x query heads
+                if mem is not None and mem.weights is not None:
+                    add_mass(attended[b], mem.positions.cpu().numpy(), mem.weights.cpu().numpy())
             new_k[b].append(k[b])
             new_v[b].append(v[b])
         x = layer.finish(x, out)

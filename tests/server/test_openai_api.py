@@ -1,0 +1,328 @@
+"""The OpenAI-compatible HTTP API against a real server on loopback: the official ``openai``
+client (streaming and not), curl with SSE, sessions continued across calls and resumed over the
+websocket, provenance, limits, errors and tenancy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from agent_runtime.config import RuntimeConfig
+from agent_runtime.models.byte import BUNDLED_CHECKPOINT
+from agent_runtime.models.byte.model import load_checkpoint
+from agent_runtime.training.data import stated_value
+from privacy.tenants import TenantRegistry
+from tests.agent_runtime.test_recall import _filler_messages, _held_out_fact
+from tests.conftest import client, make_config, running_server
+
+MODEL = "agent-runtime-bundled"
+
+
+def _keys(config: RuntimeConfig, *tenants: str) -> list[str]:
+    registry = TenantRegistry(Path(config.store.data_dir))
+    return [registry.add(t) for t in tenants]
+
+
+def _openai(port: int, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+
+
+def _post(port: int, body: object, key: str, **headers: str) -> tuple[int, dict[str, str], Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=data,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+async def test_the_openai_client_streams_and_not_with_the_same_greedy_reply(
+    config: RuntimeConfig,
+) -> None:
+    (key,) = _keys(config, "acme")
+    model, _ = load_checkpoint(BUNDLED_CHECKPOINT)
+    async with running_server(config, model) as server:
+        api = _openai(server.port, key)
+        messages = [{"role": "user", "content": "Hello! What is my favourite colour?"}]
+
+        def calls() -> tuple[Any, Any, list[Any]]:
+            listed = api.models.list()
+            whole = api.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                max_tokens=24,
+                temperature=0,  # type: ignore[arg-type]
+            )
+            chunks = list(
+                api.chat.completions.create(
+                    model=MODEL,
+                    messages=messages,  # type: ignore[arg-type]
+                    max_tokens=24,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            return listed, whole, chunks
+
+        listed, whole, chunks = await asyncio.to_thread(calls)
+    assert [m.id for m in listed.data] == [MODEL]
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 0
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # greedy: the same reply either way
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    # stateless: no session is named, and none is left behind
+    assert whole.model_extra["agent_runtime"]["session_id"] is None
+    assert server.sessions.sessions == {}
+
+
+async def test_a_session_continued_over_http_recalls_and_names_the_message_and_resumes_on_ws(
+    config: RuntimeConfig,
+) -> None:
+    """Three calls on one session: a fact, then ~1K tokens of other talk (far past the 128-token
+    window), then the question. The answer states the fact, its provenance names the first
+    message, and the same session (its turns and its bank) then resumes over the websocket."""
+    (key,) = _keys(config, "acme")
+    model, _ = load_checkpoint(BUNDLED_CHECKPOINT)
+    fact = _held_out_fact(21)
+    rng = random.Random(21)
+    statement, question = fact.statement(rng), fact.question(rng)
+    filler = _filler_messages(21, 1200)
+    async with running_server(config, model) as server:
+        api = _openai(server.port, key)
+
+        def calls() -> tuple[str, list[Any]]:
+            history: list[dict[str, str]] = [{"role": "user", "content": statement}]
+            first = api.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=history,  # type: ignore[arg-type]
+                max_tokens=16,
+                temperature=0,
+                extra_headers={"X-Session-Id": "new"},
+            )
+            sid = first.headers["x-session-id"]
+            replies = [first.parse()]
+            history.append({"role": "assistant", "content": replies[0].choices[0].message.content})
+            for text in (" ".join(filler), question):
+                history.append({"role": "user", "content": text})
+                reply = api.chat.completions.create(
+                    model=MODEL,
+                    messages=history,  # type: ignore[arg-type]
+                    max_tokens=48,
+                    temperature=0,
+                    extra_headers={"X-Session-Id": sid},
+                )
+                replies.append(reply)
+                history.append({"role": "assistant", "content": reply.choices[0].message.content})
+            return sid, replies
+
+        sid, replies = await asyncio.to_thread(calls)
+        ext = [r.model_extra["agent_runtime"] for r in replies]
+        assert ext[0]["session_id"] == sid and len(ext[0]["message_item_ids"]) == 1
+        answer = replies[2].choices[0].message.content
+        assert stated_value(answer) == fact.value, answer
+        top = ext[2]["memory"]["provenance"][0]
+        assert top["item_id"] == ext[0]["message_item_ids"][0], ext[2]["memory"]
+        begin, end = top["span"]
+        assert fact.value in statement[begin:end]
+        assert ext[2]["memory"]["entries"] > 1000  # the bank grew across the calls
+        async with client(server, api_key=key) as c:  # the same session, over the websocket
+            await c.send({"type": "session.resume", "session_id": sid, "last_seq": 0})
+            resumed, _ = await c.until("session.resumed")
+            assert resumed["session"]["turns"] == 3
+            assert resumed["session"]["memory_entries"] == ext[2]["memory"]["entries"]
+            replay = [await c.recv() for _ in range(resumed["replayed"])]
+            dones = [e["response"] for e in replay if e["type"] == "response.done"]
+            assert [d["item_id"] for d in dones] == [x["item_id"] for x in ext]  # the HTTP turns
+            _, done, _ = await c.turn("Thanks!", max_tokens=8, temperature=0)
+        assert done["response"]["status"] in ("completed", "incomplete")
+        assert done["response"]["memory"]["entries"] >= ext[2]["memory"]["entries"]
+
+
+async def test_curl_streams_server_sent_events_ending_in_done(config: RuntimeConfig) -> None:
+    (key,) = _keys(config, "acme")
+    async with running_server(config) as server:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": 5,
+        }
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "curl",
+                "-sS",
+                "-N",
+                "--max-time",
+                "60",
+                "-H",
+                f"Authorization: Bearer {key}",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                json.dumps(body),
+                "-i",
+                f"http://127.0.0.1:{server.port}/v1/chat/completions",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    head, _, stream = out.stdout.partition("\n\n")  # (text mode reads CRLF as LF)
+    assert head.startswith("HTTP/1.1 200 OK") and "text/event-stream" in head
+    assert "transfer-encoding: chunked" in head.lower()
+    events = [line for line in stream.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_overload_is_429_with_retry_after(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    config.server.max_sessions = 1
+    (key,) = _keys(config, "acme")
+    async with running_server(config) as server, client(server, api_key=key) as c:
+        await c.create_session()  # takes the only session slot
+        api = _openai(server.port, key)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await asyncio.to_thread(
+                api.chat.completions.create,
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+            )
+    assert caught.value.status_code == 429
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert caught.value.body["code"] == "overloaded"  # type: ignore[index]
+
+
+async def test_a_tenant_cannot_continue_another_tenants_session(config: RuntimeConfig) -> None:
+    key_a, key_b = _keys(config, "a", "b")
+    async with running_server(config) as server:
+        port = server.port
+        msg = {"model": MODEL, "messages": [{"role": "user", "content": "secret"}], "max_tokens": 2}
+        status, headers, _ = await asyncio.to_thread(
+            _post, port, msg, key_a, **{"X-Session-Id": "new"}
+        )
+        assert status == 200
+        sid = headers["X-Session-Id"]
+        theirs = await asyncio.to_thread(_post, port, msg, key_b, **{"X-Session-Id": sid})
+        missing = await asyncio.to_thread(_post, port, msg, key_b, **{"X-Session-Id": "sess_nope"})
+        mine = await asyncio.to_thread(_post, port, msg, key_a, **{"X-Session-Id": sid})
+    assert theirs[0] == missing[0] == 404
+    assert theirs[2] == missing[2]  # the same not-found: nothing tells the session exists
+    assert theirs[2]["error"]["code"] == "session_not_found"
+    # a's own history check: it sent only the first message again, not the reply it got
+    assert mine[0] == 409 and mine[2]["error"]["code"] == "session_history_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "param"),
+    [
+        ({"n": 2}, 400, "n"),
+        ({"tools": []}, 400, "tools"),
+        ({"temperature": 5}, 400, "temperature"),
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
+        ({"model": "gpt-4"}, 404, "model"),
+        ({"logprobs": True}, 400, "logprobs"),
+    ],
+)
+async def test_bad_requests_are_openai_error_objects_naming_the_parameter(
+    config: RuntimeConfig, change: dict[str, Any], status: int, param: str
+) -> None:
+    (key,) = _keys(config, "acme")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **change}
+    async with running_server(config) as server:
+        got = await asyncio.to_thread(_post, server.port, body, key)
+        assert server.sessions.sessions == {}  # nothing was created for a refused request
+    assert got[0] == status
+    error = got[2]["error"]
+    assert error["param"] == param and error["type"] and error["message"]
+
+
+async def test_malformed_http_gets_clear_errors_and_the_server_keeps_serving(
+    config: RuntimeConfig,
+) -> None:
+    (key,) = _keys(config, "acme")
+    async with running_server(config) as server:
+        port = server.port
+        bad_json = await asyncio.to_thread(_post, port, b"{not json", key)
+        no_key = await asyncio.to_thread(_post, port, {"model": MODEL, "messages": []}, "ar_wrong")
+        big = await asyncio.to_thread(_post, port, b"[" + b"1," * 3_000_000 + b"1]", key)
+
+        def raw(data: bytes) -> bytes:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(data)
+                return s.recv(65536)
+
+        garbage = await asyncio.to_thread(raw, b"\x16\x03\x01 not http at all\r\n\r\n")
+        text_plain = await asyncio.to_thread(
+            _post, port, {"model": MODEL}, key, **{"Content-Type": "text/plain"}
+        )
+        ok = await asyncio.to_thread(
+            _post,
+            port,
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            key,
+        )
+    assert bad_json[0] == 400 and bad_json[2]["error"]["code"] == "invalid_json"
+    assert no_key[0] == 401 and no_key[2]["error"]["type"] == "authentication_error"
+    assert big[0] == 413
+    assert garbage.startswith(b"HTTP/1.1 400")
+    assert text_plain[0] == 415  # a browser's "simple" cross-site POST never gets in
+    assert ok[0] == 200
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_its_response(config: RuntimeConfig) -> None:
+    (key,) = _keys(config, "acme")
+    config.generation.max_tokens_limit = 100_000
+    async with running_server(config) as server:
+        api = _openai(server.port, key)
+
+        def leave_early() -> str:
+            raw = api.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "talk for a long time"}],
+                max_tokens=50_000,
+                stream=True,
+                extra_headers={"X-Session-Id": "new"},
+            )
+            stream = raw.parse()
+            next(iter(stream))
+            stream.close()
+            return raw.headers["x-session-id"]
+
+        sid = await asyncio.to_thread(leave_early)
+        (session,) = [s for s in server.sessions.sessions.values() if s.session_id == sid]
+        if session.response_task is not None:
+            async with asyncio.timeout(30):
+                await asyncio.wait({session.response_task})
+        assert session.sender is None  # detached
+        assert session.meta.turns == 1  # the cancelled turn is recorded, its reply rolled back
