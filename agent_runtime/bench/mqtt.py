@@ -146,6 +146,17 @@ async def run_ws(url: str, sessions: int, max_tokens: int) -> list[Turn]:
         await asyncio.gather(*(c.aclose() for c in conns))
 
 
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far (0 where /proc is unavailable)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_ready(http: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -219,20 +230,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_mqtt(broker.port, password, 2, 8))
             for n in sessions:
                 turns: dict[str, list[list[Turn]]] = {"websocket": [], "mqtt": []}
+                cpu = {t: [0.0, 0.0] for t in turns}  # server, broker CPU seconds
                 for r in range(rounds):
                     order = ["websocket", "mqtt"] if r % 2 == 0 else ["mqtt", "websocket"]
                     for transport in order:
+                        pids = (server.proc.pid, broker.proc.pid if broker.proc else None)
+                        before = [_cpu_s(pid) for pid in pids]
                         if transport == "websocket":
                             done = asyncio.run(run_ws(server.url, n, tokens))
                         else:
                             done = asyncio.run(run_mqtt(broker.port, password, n, tokens))
                         turns[transport].append(done)
+                        for i, pid in enumerate(pids):
+                            cpu[transport][i] += _cpu_s(pid) - before[i]
                 for transport in ("websocket", "mqtt"):
                     row = {
                         "sessions": n,
                         "transport": transport,
                         **summarize_rounds(turns[transport], tokens),
                     }
+                    produced = sum(t.tokens for r in turns[transport] for t in r) or 1
+                    row["server_cpu_ms_per_token"] = 1000 * cpu[transport][0] / produced
+                    row["broker_cpu_ms_per_token"] = 1000 * cpu[transport][1] / produced
                     rows.append(row)
                     print(
                         f"  sessions={n:<3} {transport:<9} {row['tokens_per_s']:8.1f} tok/s"
@@ -292,7 +311,10 @@ def _f(value: float | None, spec: str) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = "sessions  transport  tokens/s  TTFT p50/p99 ms  ITL p50/p99 ms  ×ws ITL p50  ×ws tok/s"
+    head = (
+        "sessions  transport  tokens/s  TTFT p50/p99 ms  ITL p50/p99 ms  ×ws ITL p50  ×ws tok/s"
+        "  CPU ms/token server+broker"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -300,7 +322,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_f(r['ttft_p50_ms'], '7.1f')}/{_f(r['ttft_p99_ms'], '<7.1f')}  "
             f"{_f(r['itl_p50_ms'], '6.2f')}/{_f(r['itl_p99_ms'], '<7.2f')}  "
             f"{_f(r.get('itl_p50_ratio'), '11.3f') if r['transport'] == 'mqtt' else ' ' * 11}  "
-            f"{_f(r.get('tokens_per_s_ratio'), '9.3f') if r['transport'] == 'mqtt' else ''}"
+            f"{_f(r.get('tokens_per_s_ratio'), '9.3f') if r['transport'] == 'mqtt' else ' ' * 9}  "
+            f"{r['server_cpu_ms_per_token']:.3f}+{r['broker_cpu_ms_per_token']:.3f}"
         )
     return "\n".join(lines)
 
