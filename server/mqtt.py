@@ -37,7 +37,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,8 +124,6 @@ class MqttSession(EventHandler):
         self.inbox: deque[p.ClientEvent | RequestError] = deque()
         self.outbox: deque[dict[str, Any]] = deque()
         self._replaying = False
-        self._wake_in = asyncio.Event()
-        self._wake_out = asyncio.Event()
         self.last_inbound = time.monotonic()
         self._worker: asyncio.Task[None] | None = None
         self.publisher: asyncio.Task[None] | None = None
@@ -161,7 +159,6 @@ class MqttSession(EventHandler):
             self.bridge.publish_loose(self.out_topic, p.stamp(p.error_event(err), 0), self.codec)
             return
         self.inbox.append(item)
-        self._wake_in.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work(), name=f"mqtt-in-{self.session_id}")
 
@@ -218,7 +215,6 @@ class MqttSession(EventHandler):
             self.outbox.clear()
             raise _Overflow
         self.outbox.append(event)
-        self._wake_out.set()
         if self.publisher is None or self.publisher.done():
             self.publisher = asyncio.create_task(
                 self._publish(), name=f"mqtt-out-{self.session_id}"
@@ -649,6 +645,14 @@ class MqttBridge:
                 self.dropped.inc()
 
 
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(f"MQTT: {_describe(exc)}") from exc
+
+
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -705,7 +709,8 @@ class MqttPeer:
             raise BrokerError(f"MQTT broker {host}:{port}: {_describe(exc)}") from exc
 
     async def subscribe(self, topic: str) -> None:
-        await self._client.subscribe(topic, qos=1)
+        with _translated():
+            await self._client.subscribe(topic, qos=1)
 
     async def publish(
         self,
@@ -720,9 +725,14 @@ class MqttPeer:
             props.ResponseTopic = response_topic
         if correlation is not None:
             props.CorrelationData = correlation
-        await self._client.publish(topic, payload, qos=1, properties=props)
+        with _translated():
+            await self._client.publish(topic, payload, qos=1, properties=props)
 
     async def receive(self) -> Received:
+        with _translated():
+            return await self._receive()
+
+    async def _receive(self) -> Received:
         async for message in self._client.messages:
             props = message.properties
             payload = message.payload
