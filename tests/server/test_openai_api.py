@@ -326,3 +326,34 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_response(config: Runt
                 await asyncio.wait({session.response_task})
         assert session.sender is None  # detached
         assert session.meta.turns == 1  # the cancelled turn is recorded, its reply rolled back
+
+
+async def test_with_authentication_off_any_key_is_the_anonymous_tenant(
+    config: RuntimeConfig,
+) -> None:
+    """OpenAI clients always send a key: on an open (loopback, no tenants) server any key works,
+    and the session it makes is the anonymous tenant's, the one a keyless websocket resumes."""
+    async with running_server(config) as server:
+        msg = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        status, headers, _ = await asyncio.to_thread(
+            _post, server.port, msg, "sk-no-key-required", **{"X-Session-Id": "new"}
+        )
+        assert status == 200
+        async with client(server) as c:
+            await c.send(
+                {"type": "session.resume", "session_id": headers["X-Session-Id"], "last_seq": 0}
+            )
+            resumed, _ = await c.until("session.resumed")
+    assert resumed["session"]["turns"] == 1
+
+
+def test_the_openapi_document_describes_exactly_the_accepted_parameters() -> None:
+    import yaml
+
+    from server.openai_api import ACCEPTED
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
+    assert set(doc["paths"]) == {"/v1/models", "/v1/models/{model}", "/v1/chat/completions"}
+    request = doc["components"]["schemas"]["ChatRequest"]
+    assert set(request["properties"]) == ACCEPTED
+    assert request["additionalProperties"] is False
