@@ -357,3 +357,30 @@ def test_the_openapi_document_describes_exactly_the_accepted_parameters() -> Non
     request = doc["components"]["schemas"]["ChatRequest"]
     assert set(request["properties"]) == ACCEPTED
     assert request["additionalProperties"] is False
+
+
+async def test_a_stateless_request_longer_than_the_window_reads_it_through_memory(
+    config: RuntimeConfig,
+) -> None:
+    """No session named: a fact, ~1K tokens of other talk (8x the window) and the question in
+    one message list; the answer has the fact, and nothing of the request is left behind."""
+    (key,) = _keys(config, "acme")
+    model, _ = load_checkpoint(BUNDLED_CHECKPOINT)
+    fact = _held_out_fact(22)
+    rng = random.Random(22)
+    messages = [
+        {"role": "user", "content": fact.statement(rng)},
+        {"role": "assistant", "content": "Sure, noted."},
+        *({"role": "user", "content": t} for t in _filler_messages(22, 1200)),
+        {"role": "user", "content": fact.question(rng)},
+    ]
+    async with running_server(config, model) as server:
+        body = {"model": MODEL, "messages": messages, "max_tokens": 48, "temperature": 0}
+        status, headers, reply = await asyncio.to_thread(_post, server.port, body, key)
+        assert server.sessions.sessions == {}
+    assert status == 200 and "X-Session-Id" not in headers
+    assert stated_value(reply["choices"][0]["message"]["content"]) == fact.value, reply
+    memory = reply["agent_runtime"]["memory"]
+    assert memory["entries"] > 1000 and memory["retrieved"] > 0  # through the bank
+    left = await asyncio.to_thread(lambda: list(Path(config.store.data_dir).rglob("state.pt")))
+    assert left == [], "the stateless session was erased"
