@@ -250,6 +250,7 @@ async def test_a_tenant_cannot_continue_another_tenants_session(config: RuntimeC
         ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
         ({"model": "gpt-4"}, 404, "model"),
         ({"logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "messages[0].content"),
     ],
 )
 async def test_bad_requests_are_openai_error_objects_naming_the_parameter(
@@ -384,3 +385,30 @@ async def test_a_stateless_request_longer_than_the_window_reads_it_through_memor
     assert memory["entries"] > 1000 and memory["retrieved"] > 0  # through the bank
     left = await asyncio.to_thread(lambda: list(Path(config.store.data_dir).rglob("state.pt")))
     assert left == [], "the stateless session was erased"
+
+
+async def test_http_takes_a_session_from_its_websocket_which_resumes_and_replays(
+    config: RuntimeConfig,
+) -> None:
+    async with running_server(config) as server, client(server) as ws:
+        sid = await ws.create_session()
+        said, first, _ = await ws.turn("hello", max_tokens=3)
+        history = [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": said},  # the reply as the websocket streamed it
+            {"role": "user", "content": "and again"},
+        ]
+        body = {"model": MODEL, "messages": history, "max_tokens": 3}
+        status, _, reply = await asyncio.to_thread(
+            _post, server.port, body, "any", **{"X-Session-Id": sid}
+        )
+        assert status == 200, reply
+        with pytest.raises(Exception, match="4000"):  # displaced: "resumed on another connection"
+            await ws.recv()
+        async with client(server) as again:
+            await again.send({"type": "session.resume", "session_id": sid, "last_seq": ws.last_seq})
+            resumed, _ = await again.until("session.resumed")
+            missed = [await again.recv() for _ in range(resumed["replayed"])]
+    done = [e for e in missed if e["type"] == "response.done"]
+    assert [d["response"]["item_id"] for d in done] == [reply["agent_runtime"]["item_id"]]
+    assert first["response"]["item_id"] != reply["agent_runtime"]["item_id"]
