@@ -205,6 +205,8 @@ class FrontConnection(ServerConnection):
             first = False
             if isinstance(event, h11.ConnectionClosed) or not isinstance(event, h11.Request):
                 return
+            if conn.they_are_waiting_for_100_continue:  # curl does for bodies over 1 KiB
+                self._write(h11.InformationalResponse(status_code=100, headers=[]))
             try:
                 body = await self._read_body()
             except _TooLarge:

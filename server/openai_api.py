@@ -49,6 +49,7 @@ from agent_runtime.errors import (
 )
 from agent_runtime.sessions import Session, SessionManager
 from privacy.audit import AuditLog
+from privacy.tenants import ANONYMOUS_TENANT
 from server.auth import Authenticator
 from server.front import FrontConnection, HttpRequest, Reply, json_reply
 
@@ -381,6 +382,10 @@ class OpenAIRoutes:
         try:
             return await self.auth.tenant_of(ws_request)
         except AuthenticationError as exc:
+            if not self.auth.required():
+                # OpenAI clients always send a key; with authentication off any key is the
+                # anonymous tenant's (as llama.cpp's server and vLLM without --api-key do)
+                return ANONYMOUS_TENANT
             self.audit.post("-", "denied", None, code=exc.code)
             raise ApiError(
                 401, exc.message, type="authentication_error", code="invalid_api_key"

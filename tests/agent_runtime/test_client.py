@@ -296,6 +296,7 @@ async def test_chat_ctrl_c_during_a_reply_cancels_it(tmp_path: Path) -> None:
     [
         ("chat_client.py", ["--max-tokens", "6"]),
         ("msgpack_client.py", ["Hello over msgpack!"]),
+        ("openai_client.py", ["--max-tokens", "6"]),
     ],
 )
 async def test_examples_run_against_a_real_server(
@@ -304,6 +305,8 @@ async def test_examples_run_against_a_real_server(
     async with running_server(config) as server:
         ws_url = url(server)
         argv = [*args, ws_url] if script == "msgpack_client.py" else [ws_url, *args]
+        if script == "openai_client.py":
+            argv = [f"http://127.0.0.1:{server.port}/v1", *args]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(ROOT / "examples" / script),
@@ -322,4 +325,4 @@ async def test_examples_run_against_a_real_server(
         stderr = err.decode()
         assert proc.returncode == 0, stderr
         assert re.search(r"\[session sess_\w+\]", stderr), stderr
-        assert re.search(r"\[(completed|incomplete)", stderr), stderr
+        assert re.search(r"\[(completed|incomplete|stop|length)", stderr), stderr

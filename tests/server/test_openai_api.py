@@ -189,6 +189,7 @@ async def test_curl_streams_server_sent_events_ending_in_done(config: RuntimeCon
             text=True,
             check=True,
         )
+    out.stdout = out.stdout.removeprefix("HTTP/1.1 100 Continue\n\n")
     head, _, stream = out.stdout.partition("\n\n")  # (text mode reads CRLF as LF)
     assert head.startswith("HTTP/1.1 200 OK") and "text/event-stream" in head
     assert "transfer-encoding: chunked" in head.lower()
@@ -250,6 +251,7 @@ async def test_a_tenant_cannot_continue_another_tenants_session(config: RuntimeC
         ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
         ({"model": "gpt-4"}, 404, "model"),
         ({"logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "messages[0].content"),
     ],
 )
 async def test_bad_requests_are_openai_error_objects_naming_the_parameter(
@@ -326,3 +328,88 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_response(config: Runt
                 await asyncio.wait({session.response_task})
         assert session.sender is None  # detached
         assert session.meta.turns == 1  # the cancelled turn is recorded, its reply rolled back
+
+
+async def test_with_authentication_off_any_key_is_the_anonymous_tenant(
+    config: RuntimeConfig,
+) -> None:
+    """OpenAI clients always send a key: on an open (loopback, no tenants) server any key works,
+    and the session it makes is the anonymous tenant's, the one a keyless websocket resumes."""
+    async with running_server(config) as server:
+        msg = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        status, headers, _ = await asyncio.to_thread(
+            _post, server.port, msg, "sk-no-key-required", **{"X-Session-Id": "new"}
+        )
+        assert status == 200
+        async with client(server) as c:
+            await c.send(
+                {"type": "session.resume", "session_id": headers["X-Session-Id"], "last_seq": 0}
+            )
+            resumed, _ = await c.until("session.resumed")
+    assert resumed["session"]["turns"] == 1
+
+
+def test_the_openapi_document_describes_exactly_the_accepted_parameters() -> None:
+    import yaml
+
+    from server.openai_api import ACCEPTED
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
+    assert set(doc["paths"]) == {"/v1/models", "/v1/models/{model}", "/v1/chat/completions"}
+    request = doc["components"]["schemas"]["ChatRequest"]
+    assert set(request["properties"]) == ACCEPTED
+    assert request["additionalProperties"] is False
+
+
+async def test_a_stateless_request_longer_than_the_window_reads_it_through_memory(
+    config: RuntimeConfig,
+) -> None:
+    """No session named: a fact, ~1K tokens of other talk (8x the window) and the question in
+    one message list; the answer has the fact, and nothing of the request is left behind."""
+    (key,) = _keys(config, "acme")
+    model, _ = load_checkpoint(BUNDLED_CHECKPOINT)
+    fact = _held_out_fact(22)
+    rng = random.Random(22)
+    messages = [
+        {"role": "user", "content": fact.statement(rng)},
+        {"role": "assistant", "content": "Sure, noted."},
+        *({"role": "user", "content": t} for t in _filler_messages(22, 1200)),
+        {"role": "user", "content": fact.question(rng)},
+    ]
+    async with running_server(config, model) as server:
+        body = {"model": MODEL, "messages": messages, "max_tokens": 48, "temperature": 0}
+        status, headers, reply = await asyncio.to_thread(_post, server.port, body, key)
+        assert server.sessions.sessions == {}
+    assert status == 200 and "X-Session-Id" not in headers
+    assert stated_value(reply["choices"][0]["message"]["content"]) == fact.value, reply
+    memory = reply["agent_runtime"]["memory"]
+    assert memory["entries"] > 1000 and memory["retrieved"] > 0  # through the bank
+    left = await asyncio.to_thread(lambda: list(Path(config.store.data_dir).rglob("state.pt")))
+    assert left == [], "the stateless session was erased"
+
+
+async def test_http_takes_a_session_from_its_websocket_which_resumes_and_replays(
+    config: RuntimeConfig,
+) -> None:
+    async with running_server(config) as server, client(server) as ws:
+        sid = await ws.create_session()
+        said, first, _ = await ws.turn("hello", max_tokens=3)
+        history = [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": said},  # the reply as the websocket streamed it
+            {"role": "user", "content": "and again"},
+        ]
+        body = {"model": MODEL, "messages": history, "max_tokens": 3}
+        status, _, reply = await asyncio.to_thread(
+            _post, server.port, body, "any", **{"X-Session-Id": sid}
+        )
+        assert status == 200, reply
+        with pytest.raises(Exception, match="4000"):  # displaced: "resumed on another connection"
+            await ws.recv()
+        async with client(server) as again:
+            await again.send({"type": "session.resume", "session_id": sid, "last_seq": ws.last_seq})
+            resumed, _ = await again.until("session.resumed")
+            missed = [await again.recv() for _ in range(resumed["replayed"])]
+    done = [e for e in missed if e["type"] == "response.done"]
+    assert [d["response"]["item_id"] for d in done] == [reply["agent_runtime"]["item_id"]]
+    assert first["response"]["item_id"] != reply["agent_runtime"]["item_id"]

@@ -105,8 +105,9 @@ async def test_smollm2_recalls_a_fact_from_beyond_its_window_through_memory(tmp_
             filler += len(model.encode_turn("user", text))
             await c.add_message(text)
         await c.send({"type": "memory.stats"})
-        stats, _ = await c.until("memory.stats")
+        stats, before = await c.until("memory.stats")
         assert stats["memory"]["entries"] == 0  # nothing is fed before a response is asked for
+        told = next(e["item"]["id"] for e in before if e["type"] == "conversation.item.created")
         reply, done, _ = await c.turn(
             "Can you remind me of my locker code?", prefix="Your locker code is"
         )
@@ -114,6 +115,11 @@ async def test_smollm2_recalls_a_fact_from_beyond_its_window_through_memory(tmp_
         stats, _ = await c.until("memory.stats")
     assert stats["memory"]["entries"] > 1000, "the fact left the window long ago"
     assert "7316" in reply, (sid, reply, done["response"]["status"])
+    # provenance names the message that told it, and the attended span holds the code
+    named = {p["item_id"]: p for p in done["response"]["memory"]["provenance"]}
+    assert told in named, done["response"]["memory"]["provenance"]
+    begin, end = named[told]["span"]
+    assert "7316" in "The code for my locker is 7316."[begin:end], named[told]
 
 
 async def test_the_web_page_describes_the_model_it_serves(config: RuntimeConfig) -> None:
