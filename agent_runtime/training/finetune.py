@@ -414,9 +414,9 @@ def finetune(args: argparse.Namespace, out: Callable[[str], None] | None = None)
     model.to(device)
     params = [p for a in adapters.values() for p in (a.lora_a, a.lora_b)]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
-    step, elapsed = 0, 0.0
+    step, elapsed, last_loss = 0, 0.0, float("nan")
     if state_file.exists():
-        step, elapsed = _load_state(state_file, settings, adapters, opt, device)
+        step, elapsed, last_loss = _load_state(state_file, settings, adapters, opt, device)
         _truncate_log(out_dir / LOG_FILE, step)
         say(f"resuming {out_dir} at step {step}/{args.steps}")
     elif args.resume:
@@ -440,6 +440,7 @@ def finetune(args: argparse.Namespace, out: Callable[[str], None] | None = None)
             "settings": settings,
             "step": step,
             "elapsed_s": elapsed_before + time.perf_counter() - started,
+            "last_loss": last_loss,
             "adapters": adapter_tensors(adapters),
             "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(),
@@ -451,7 +452,6 @@ def finetune(args: argparse.Namespace, out: Callable[[str], None] | None = None)
 
     model.train()
     invocation = tokens_done = 0
-    last_loss = float("nan")
     with _stop_on_signals() as flag, (out_dir / LOG_FILE).open("a", encoding="utf-8") as log:
         while step < args.steps and not flag["stop"]:
             tokens, weights = (t.to(device) for t in data.batch(step, args.batch))
@@ -586,7 +586,7 @@ def _load_state(
     adapters: Mapping[str, LoRALinear],
     opt: torch.optim.Optimizer,
     device: torch.device,
-) -> tuple[int, float]:
+) -> tuple[int, float, float]:
     try:
         blob = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
@@ -606,7 +606,7 @@ def _load_state(
     torch.set_rng_state(blob["rng"])
     if device.type == "cuda" and blob.get("cuda_rng") is not None:
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    return int(blob["step"]), float(blob["elapsed_s"])
+    return int(blob["step"]), float(blob["elapsed_s"]), float(blob.get("last_loss", "nan"))
 
 
 def _truncate_log(log: Path, step: int) -> None:

@@ -249,6 +249,14 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(base: Path, referen
     assert losses(out) == losses(reference)
     ref, got = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(ref[n], got[n]) for n in ref)
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["steps"] == 6 and meta["final_loss"] == losses(reference)[6]
+    # a finished run resumed again trains no further and exports the same model
+    finetune(build_parser().parse_args(args_for(base, out, "--steps", "6", "--resume")), **quiet)
+    assert losses(out) == losses(reference)
+    assert json.loads((out / "finetune.json").read_text())["final_loss"] == meta["final_loss"]
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(ref[n], again[n]) for n in ref)
 
 
 def test_the_loss_of_the_reference_run_falls(reference: Path) -> None:
