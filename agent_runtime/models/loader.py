@@ -74,7 +74,12 @@ def _load_pretrained(config: EngineConfig, data_dir: Path) -> ChatModel[Any]:
         span=config.memory_span,
     )
     chat = LlamaChatModel(
-        model, source.tokenizer, plan, source=source.description, weights_id=source.weights_id
+        model,
+        source.tokenizer,
+        plan,
+        source=source.description,
+        weights_id=source.weights_id,
+        card_note=source.card_note,
     )
     log.info("model loaded in %.1fs: %s", time.perf_counter() - started, chat.describe())
     return chat

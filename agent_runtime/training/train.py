@@ -253,8 +253,17 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--base" or a.startswith("--base=") for a in argv):
+        # a pretrained chat model: the LoRA fine-tune (agent_runtime.training.finetune)
+        import agent_runtime.training.finetune as finetune
+
+        return finetune.main(argv)
     parser = argparse.ArgumentParser(
-        prog="agent-runtime train", description=__doc__.splitlines()[0]
+        prog="agent-runtime train",
+        description=__doc__.splitlines()[0],
+        epilog="With --base NAME|FILE|DIR it fine-tunes a pretrained chat model instead"
+        " (LoRA; see `agent-runtime train --base X --help`).",
     )
     add_arguments(parser)
     train(parser.parse_args(argv))

@@ -40,6 +40,7 @@ class LlamaChatModel:
         *,
         source: str = "random weights",
         weights_id: str = "",
+        card_note: str = "",
     ) -> None:
         cfg = model.cfg
         self.model = model
@@ -83,6 +84,9 @@ class LlamaChatModel:
             " ago best when the reply is started for it (an answer prefix, e.g. “Your locker code"
             " is”); asked plainly, a small model often refuses. See docs/models.md."
         )
+        self.card_note = card_note
+        if card_note:  # e.g. what a fine-tune (agent-runtime train --base) taught it
+            self.card = f"{self.card} {card_note}"
 
     def _conversation_start(self) -> tuple[dict[str, list[int]], list[int]]:
         """What the template writes before a conversation's first message, by the role of that
@@ -111,7 +115,12 @@ class LlamaChatModel:
     def with_plan(self, plan: MemoryPlan) -> LlamaChatModel:
         """The same weights and tokenizer under another memory plan (evaluation modes)."""
         return LlamaChatModel(
-            self.model, self.tokenizer, plan, source=self.source, weights_id=self.weights_id
+            self.model,
+            self.tokenizer,
+            plan,
+            source=self.source,
+            weights_id=self.weights_id,
+            card_note=self.card_note,
         )
 
     def describe(self) -> str:
@@ -127,6 +136,11 @@ class LlamaChatModel:
 
     def encode_turn(self, role: str, text: str) -> list[int]:
         return self.tokenizer.encode(self.tokenizer.turn_text(role, text, first=False))
+
+    def preamble(self, role: str = "user") -> list[int]:
+        """What :meth:`prefill` puts before a conversation whose first message has ``role``
+        (``user`` or ``system``): e.g. BOS and the template's default system prompt."""
+        return list(self._preamble[role])
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

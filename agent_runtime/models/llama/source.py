@@ -22,7 +22,7 @@ from agent_runtime.models.llama.hf import INDEX_FILE, WEIGHTS_FILE, load_hf_dir
 from agent_runtime.models.llama.registry import SOURCE_FILE, resolve, sha256_of
 from agent_runtime.models.llama.tokenizer import ChatTokenizer
 
-__all__ = ["PretrainedSource", "load_pretrained"]
+__all__ = ["FINETUNE_FILE", "PretrainedSource", "load_pretrained"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class PretrainedSource:
     tokenizer: ChatTokenizer
     description: str
     weights_id: str
+    card_note: str = ""
+    """A sentence for the model card from the directory's ``finetune.json`` (written by
+    ``agent-runtime train --base``), empty otherwise."""
 
 
 def load_pretrained(
@@ -60,7 +63,20 @@ def load_pretrained(
     cfg, sd = load_hf_dir(path, dtype)
     tokenizer = ChatTokenizer.from_dir(path)
     name, weights_id = _identify_dir(path)
-    return PretrainedSource(cfg, sd, tokenizer, f"{name} sha256:{weights_id}", weights_id)
+    description = f"{name} sha256:{weights_id}"
+    return PretrainedSource(cfg, sd, tokenizer, description, weights_id, _card_note(path))
+
+
+FINETUNE_FILE = "finetune.json"
+
+
+def _card_note(path: Path) -> str:
+    """The ``card`` sentence of a fine-tuned directory's ``finetune.json``, if any."""
+    try:
+        note = json.loads((path / FINETUNE_FILE).read_text(encoding="utf-8")).get("card", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return note if isinstance(note, str) else ""
 
 
 def _identify_dir(path: Path) -> tuple[str, str]:
