@@ -79,8 +79,7 @@ class EventHandler:
         previous = session.client
         self.session = session
         session.attach(self.send, self)
-        if isinstance(previous, EventHandler) and previous is not self:
-            previous.superseded()
+        supersede(previous, self)
 
     def decode(self, frame: str | bytes) -> p.ClientEvent:
         """Size-check, decode and validate one payload (ProtocolError otherwise)."""
@@ -222,3 +221,12 @@ class EventHandler:
 
     async def on_memory_stats(self, event: p.MemoryStats) -> None:
         await self.sessions.memory_stats(self.require_session())
+
+
+def supersede(previous: object, by: object) -> None:
+    """Tell the client that had a session (any transport: websocket, MQTT, an HTTP request)
+    that ``by`` took it over."""
+    if previous is not None and previous is not by:
+        superseded = getattr(previous, "superseded", None)
+        if callable(superseded):
+            superseded()

@@ -302,6 +302,7 @@ class _HttpClient:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(EVENT_QUEUE)
+        self.taken = False  # another client (a websocket resume, MQTT) took the session over
 
     async def send(self, event: dict[str, Any]) -> None:
         await self.queue.put(event)
@@ -309,6 +310,12 @@ class _HttpClient:
     def gone(self) -> None:
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)
+
+    def superseded(self) -> None:
+        """The session was resumed elsewhere: this request's stream ends; the response goes on
+        for the client that took it (it replays what it missed)."""
+        self.taken = True
+        self.gone()
 
 
 class OpenAIRoutes:
@@ -585,7 +592,7 @@ class _Completion:
         with contextlib.suppress(ValueError):
             self.conn.on_lost.remove(self.client.gone)
         session, sessions = self.session, self.routes.sessions
-        if self.done is None and session.response_id == self.response_id:
+        if self.done is None and session.response_id == self.response_id and not self.client.taken:
             sessions.cancel(session)
         session.detach(self.client.send)
         if not self.ephemeral:

@@ -18,7 +18,7 @@ from agent_runtime import protocol as p
 from agent_runtime.config import RuntimeConfig
 from agent_runtime.metrics import Counter
 from agent_runtime.sessions import Session, SessionManager
-from server.events import EventHandler, Spawn
+from server.events import EventHandler, Spawn, supersede
 
 __all__ = ["Connection", "WebsocketEndpoint", "select_subprotocol"]
 
@@ -45,9 +45,7 @@ class WebsocketEndpoint:
     def displace(self, session: Session) -> None:
         """Another client takes ``session``: the client attached to it is superseded (a
         websocket is closed with 4000; an MQTT session stops publishing)."""
-        previous = session.client
-        if isinstance(previous, EventHandler):
-            previous.superseded()
+        supersede(session.client, None)
 
     async def __call__(self, ws: ServerConnection) -> None:
         codec = p.CODECS[ws.subprotocol or p.JSON_SUBPROTOCOL]

@@ -413,3 +413,43 @@ async def test_http_takes_a_session_from_its_websocket_which_resumes_and_replays
     done = [e for e in missed if e["type"] == "response.done"]
     assert [d["response"]["item_id"] for d in done] == [reply["agent_runtime"]["item_id"]]
     assert first["response"]["item_id"] != reply["agent_runtime"]["item_id"]
+
+
+async def test_a_websocket_resume_takes_over_a_streaming_http_request(
+    config: RuntimeConfig,
+) -> None:
+    """The HTTP stream ends; the response is not cancelled: the websocket that resumed the
+    session gets its response.done."""
+    config.generation.max_tokens_limit = 100_000
+    async with running_server(config) as server:
+        api = _openai(server.port, "any")
+        started = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def stream() -> tuple[str, int]:
+            raw = api.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "talk for a while"}],
+                max_tokens=400,
+                stream=True,
+                extra_headers={"X-Session-Id": "new"},
+            )
+            chunks = 0
+            for _ in raw.parse():
+                chunks += 1
+                if chunks == 2:
+                    loop.call_soon_threadsafe(started.set)
+            return raw.headers["x-session-id"], chunks
+
+        http = asyncio.ensure_future(asyncio.to_thread(stream))
+        async with asyncio.timeout(60):
+            await started.wait()
+        (session,) = server.sessions.sessions.values()
+        async with client(server) as ws:
+            await ws.send(
+                {"type": "session.resume", "session_id": session.session_id, "last_seq": 0}
+            )
+            done, _ = await ws.until("response.done")
+        sid, chunks = await asyncio.wait_for(http, 60)
+    assert sid == session.session_id and chunks >= 2
+    assert done["response"]["status"] in ("completed", "incomplete"), done
