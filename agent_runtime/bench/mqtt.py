@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from agent_runtime.bench.launch import mosquitto_process, serve_process
-from agent_runtime.bench.serve import PROMPT, BenchClient, Turn, summarize
+from agent_runtime.bench.serve import (
+    BenchClient,
+    Turn,
+    finish_turn,
+    start_turn,
+    summarize,
+)
 from server.mqtt import MqttPeer
 
 __all__ = ["main"]
@@ -82,36 +88,7 @@ class MqttBenchClient:
         return event
 
     async def turn(self, max_tokens: int) -> Turn:
-        await self.send(
-            {
-                "type": "conversation.item.create",
-                "item": {"type": "message", "role": "user", "content": PROMPT},
-            }
-        )
-        turn = Turn(sent=time.perf_counter())
-        await self.send(
-            {
-                "type": "response.create",
-                "response": {
-                    "max_tokens": max_tokens,
-                    "min_tokens": max_tokens,
-                    "temperature": 0.0,
-                    "stop": [],
-                },
-            }
-        )
-        while True:
-            event = await self.recv()
-            kind = event["type"]
-            if kind == "response.output_text.delta":
-                turn.deltas.append(time.perf_counter())
-            elif kind == "response.done":
-                turn.done = time.perf_counter()
-                turn.tokens = int(event["response"]["usage"]["output_tokens"])
-                turn.status = str(event["response"]["status"])
-                return turn
-            elif kind == "error":
-                raise RuntimeError(f"server error: {event['error']}")
+        return await finish_turn(self, await start_turn(self, max_tokens))
 
     async def delete(self) -> None:
         await self.send({"type": "session.delete"})

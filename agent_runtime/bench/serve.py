@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -80,6 +80,54 @@ class Turn:
         if self.tokens < 2 or len(self.deltas) < 2:
             return None
         return (self.deltas[-1] - self.deltas[0]) / (self.tokens - 1)
+
+
+class EventPeer(Protocol):
+    """What a benchmark turn needs of a client: send and receive protocol events."""
+
+    async def send(self, event: dict[str, Any]) -> None: ...
+
+    async def recv(self) -> dict[str, Any]: ...
+
+
+async def start_turn(client: EventPeer, max_tokens: int) -> Turn:
+    """Send one fixed-length turn (a user message and a response.create) on ``client``."""
+    await client.send(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": PROMPT},
+        }
+    )
+    turn = Turn(sent=time.perf_counter())
+    await client.send(
+        {
+            "type": "response.create",
+            # min_tokens: fixed-length replies whatever the model (it may not end early).
+            "response": {
+                "max_tokens": max_tokens,
+                "min_tokens": max_tokens,
+                "temperature": 0.0,
+                "stop": [],
+            },
+        }
+    )
+    return turn
+
+
+async def finish_turn(client: EventPeer, turn: Turn) -> Turn:
+    """Receive the turn's deltas and its response.done, timing each."""
+    while True:
+        event = await client.recv()
+        kind = event["type"]
+        if kind == "response.output_text.delta":
+            turn.deltas.append(time.perf_counter())
+        elif kind == "response.done":
+            turn.done = time.perf_counter()
+            turn.tokens = int(event["response"]["usage"]["output_tokens"])
+            turn.status = str(event["response"]["status"])
+            return turn
+        elif kind == "error" and event["error"]["code"] != "no_active_response":
+            raise RuntimeError(f"server error: {event['error']}")
 
 
 class BenchClient:
@@ -132,40 +180,10 @@ class BenchClient:
                 raise RuntimeError(f"server error: {event['error']}")
 
     async def start_turn(self, max_tokens: int) -> Turn:
-        await self.send(
-            {
-                "type": "conversation.item.create",
-                "item": {"type": "message", "role": "user", "content": PROMPT},
-            }
-        )
-        turn = Turn(sent=time.perf_counter())
-        await self.send(
-            {
-                "type": "response.create",
-                # min_tokens: fixed-length replies whatever the model (it may not end early).
-                "response": {
-                    "max_tokens": max_tokens,
-                    "min_tokens": max_tokens,
-                    "temperature": 0.0,
-                    "stop": [],
-                },
-            }
-        )
-        return turn
+        return await start_turn(self, max_tokens)
 
     async def finish_turn(self, turn: Turn) -> Turn:
-        while True:
-            event = await self.recv()
-            kind = event["type"]
-            if kind == "response.output_text.delta":
-                turn.deltas.append(time.perf_counter())
-            elif kind == "response.done":
-                turn.done = time.perf_counter()
-                turn.tokens = int(event["response"]["usage"]["output_tokens"])
-                turn.status = str(event["response"]["status"])
-                return turn
-            elif kind == "error" and event["error"]["code"] != "no_active_response":
-                raise RuntimeError(f"server error: {event['error']}")
+        return await finish_turn(self, turn)
 
     async def turn(self, max_tokens: int) -> Turn:
         return await self.finish_turn(await self.start_turn(max_tokens))
