@@ -34,6 +34,7 @@ from memory.config import MemoryConfig
 from privacy.config import PrivacyConfig
 
 __all__ = [
+    "ClusterConfig",
     "EngineConfig",
     "GenerationConfig",
     "MqttConfig",
@@ -332,6 +333,64 @@ class MqttConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Several nodes sharing one Redis and one data root (off by default); see docs/scaling.md."""
+
+    enabled: bool = False
+    """Run as one node of a cluster: sessions are owned through Redis leases with fencing tokens; needs ``--redis-url`` and a ``--data-dir`` every node reaches."""
+    node_id: str = ""
+    """This node's name in leases and logs (letters, digits, ``.``, ``_``, ``-``); empty: a random one per start."""
+    advertise_url: str = ""
+    """Base URL at which clients and other nodes reach this node (``http://10.0.0.5:8765``); empty: ``http://HOST:PORT``. Redirects name it; HTTP requests are proxied to it."""
+    lease_ttl_s: float = 10.0
+    """How long a session's lease lives without renewal; a dead node's sessions move after it."""
+    renew_interval_s: float = 0.0
+    """How often leases are renewed; 0 picks a third of ``lease_ttl_s``."""
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.renew_interval_s or self.lease_ttl_s / 3
+
+    def validate(self) -> None:
+        ConfigError.check_positive("cluster.lease_ttl_s", self.lease_ttl_s)
+        ConfigError.check_non_negative("cluster.renew_interval_s", self.renew_interval_s)
+        if self.lease_ttl_s < 0.5:
+            raise ConfigError("cluster.lease_ttl_s", self.lease_ttl_s, "must be at least 0.5")
+        if self.renew_every_s > self.lease_ttl_s / 2:
+            raise ConfigError(
+                "cluster.renew_interval_s",
+                self.renew_interval_s,
+                "must be at most half of cluster.lease_ttl_s (a renewal must land well inside the TTL)",
+            )
+        if self.node_id and not all(c.isalnum() or c in "._-" for c in self.node_id):
+            raise ConfigError(
+                "cluster.node_id", self.node_id, "may hold only letters, digits, '.', '_' and '-'"
+            )
+        if len(self.node_id) > 64:
+            raise ConfigError("cluster.node_id", self.node_id, "must be at most 64 characters")
+        if self.advertise_url:
+            parts = urlsplit(self.advertise_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    "cluster.advertise_url",
+                    self.advertise_url,
+                    "must be http[s]://host[:port] (the node's base URL)",
+                )
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ConfigError(
+                    "cluster.advertise_url", self.advertise_url, "port must be in 0..65535"
+                ) from None
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ConfigError(
+                    "cluster.advertise_url",
+                    self.advertise_url,
+                    "must be just http[s]://host[:port]",
+                )
+
+
+@dataclass
 class RuntimeConfig:
     """The whole runtime's configuration."""
 
@@ -342,14 +401,22 @@ class RuntimeConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> RuntimeConfig:
         for section in SECTIONS:
             getattr(self, section).validate()
+        if self.cluster.enabled and not self.store.redis_url:
+            raise ConfigError(
+                "store.redis_url",
+                "",
+                "a cluster node needs the Redis every node shares (--redis-url); the embedded"
+                " Redis is private to one process",
+            )
         return self
 
 
-SECTIONS = ("server", "store", "engine", "generation", "memory", "privacy", "mqtt")
+SECTIONS = ("server", "store", "engine", "generation", "memory", "privacy", "mqtt", "cluster")
 # Sections whose flags and env vars carry no prefix (``--port``, ``AGENT_RUNTIME_PORT``).
 UNPREFIXED = ("server", "store")
 

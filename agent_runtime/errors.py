@@ -53,6 +53,7 @@ __all__ = [
     "DataDirLockedError",
     "DisconnectedError",
     "EventsLostError",
+    "FencedError",
     "MemoryBankError",
     "OverloadedError",
     "PrivacyError",
@@ -60,6 +61,7 @@ __all__ = [
     "RejectedError",
     "RemoteError",
     "RequestError",
+    "SessionElsewhereError",
     "SessionNotFoundError",
     "StorageError",
     "StoreError",
@@ -120,6 +122,11 @@ class StorageError(AgentRuntimeError):
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class FencedError(AgentRuntimeError):
+    """A write was refused because the session's storage has seen a newer fencing token: another
+    node owns the session now. Nothing was written; this node stops serving the session."""
 
 
 class DataDirLockedError(AgentRuntimeError):
@@ -205,6 +212,21 @@ class UnavailableError(RequestError):
     code = "unavailable"
 
 
+class SessionElsewhereError(RequestError):
+    """Another node of the cluster owns the session: the client should go to ``location``
+    (the owner's advertised base URL), where the session is served."""
+
+    type = "redirect_error"
+    code = "session_elsewhere"
+
+    def __init__(
+        self, message: str, *, location: str, owner: str, event_id: str | None = None
+    ) -> None:
+        super().__init__(message, event_id=event_id)
+        self.location = location
+        self.owner = owner
+
+
 # -- raised by the client library (agent_runtime.client.agent) ----------------------------------------
 
 
@@ -217,6 +239,7 @@ class RemoteError(RequestError):
         message: human-readable explanation from the server.
         event_id: the ``event_id`` of the client event that caused it (None if unknown).
         retry_after_ms: for ``overloaded``, how long to wait before retrying; else None.
+        location: for ``session_elsewhere``, the base URL of the node that owns the session.
     """
 
     def __init__(
@@ -227,10 +250,12 @@ class RemoteError(RequestError):
         code: str = "invalid_request",
         event_id: str | None = None,
         retry_after_ms: int | None = None,
+        location: str | None = None,
     ) -> None:
         super().__init__(message, code=code, event_id=event_id)
         self.type = type
         self.retry_after_ms = retry_after_ms
+        self.location = location
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

@@ -6,6 +6,7 @@
         bank/            the memory bank: snapshot-*.bank, log-*.wal (memory/durable.py)
         state.pt         the generation state and metadata header (sessions/state.py)
         seq              the reserved event seq (sessions/state.py)
+        fence            the newest fencing token an owner claimed (sessions/ownership.py)
         privacy.json     the privacy ledger (privacy/session.py)
     <data_dir>/keys/     wrapped data keys (privacy/crypto.py)
     <data_dir>/audit.log, tenants.json ...
@@ -24,6 +25,7 @@ from agent_runtime.errors import PrivacyError
 
 __all__ = [
     "BANK_DIR",
+    "FENCE_FILE",
     "SEQ_FILE",
     "STATE_FILE",
     "check_session_id",
@@ -34,6 +36,7 @@ __all__ = [
 BANK_DIR = "bank"
 STATE_FILE = "state.pt"
 SEQ_FILE = "seq"
+FENCE_FILE = "fence"
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 

@@ -26,7 +26,12 @@ from typing import Any
 
 import msgpack
 
-from agent_runtime.errors import OverloadedError, ProtocolError, RequestError
+from agent_runtime.errors import (
+    OverloadedError,
+    ProtocolError,
+    RequestError,
+    SessionElsewhereError,
+)
 
 __all__ = [
     "CLIENT_EVENTS",
@@ -543,6 +548,8 @@ def error_event(exc: Exception, *, event_id: str | None = None) -> dict[str, Any
         }
         if isinstance(exc, OverloadedError):
             err["retry_after_ms"] = exc.retry_after_ms
+        if isinstance(exc, SessionElsewhereError):
+            err["location"] = exc.location  # the owner's base URL (the client goes there)
     else:
         err = {
             "type": "server_error",

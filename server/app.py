@@ -59,7 +59,7 @@ class Server:
     def __init__(self, config: RuntimeConfig, model: ChatModel[Any]) -> None:
         self.config = config
         self.model = model
-        self.node_id = uuid.uuid4().hex[:12]
+        self.node_id = config.cluster.node_id or uuid.uuid4().hex[:12]
         self.store = SessionStore(config.store)
         data_dir = Path(config.store.data_dir)
         # Tenants, keys and the audit log live in the data directory; see docs/privacy.md.
@@ -87,13 +87,19 @@ class Server:
             audit=self.audit,
             node_id=self.node_id,
             metrics=self.metrics,
+            cluster=config.cluster,
         )
         self._background: set[asyncio.Task[Any]] = set()
         self._ws: WsServer | None = None
         self._http_conns: set[FrontConnection] = set()  # connections serving plain HTTP
         self._reaper: asyncio.Task[None] | None = None
         self._storage_watch: asyncio.Task[None] | None = None
-        self.lock = DirectoryLock(data_dir)
+        self._lease_keeper: asyncio.Task[None] | None = None
+        # One process per data directory; in a cluster the data root is shared, and the lock
+        # is per node id (two nodes with one id would take each other's leases).
+        self.lock = DirectoryLock(
+            data_dir / "nodes" / self.node_id if config.cluster.enabled else data_dir
+        )
         self.ready = False
         self.started_at = time.time()
         self._closing = False
@@ -148,6 +154,12 @@ class Server:
         )
 
     @property
+    def advertise_url(self) -> str:
+        """The base URL other nodes name in redirects and proxy HTTP requests to."""
+        url = self.config.cluster.advertise_url.rstrip("/")
+        return url or f"http://{self.config.server.host}:{self.port}"
+
+    @property
     def port(self) -> int:
         assert self._ws is not None, "server not started"
         return int(self._ws.sockets[0].getsockname()[1])
@@ -188,6 +200,12 @@ class Server:
                 f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
             ) from None
         self.auth.port = self.port
+        if self.sessions.leases is not None:
+            self.sessions.leases.url = self.advertise_url
+            self._lease_keeper = asyncio.create_task(
+                self.sessions.keep_leases(), name="lease-keeper"
+            )
+            log.info("cluster node %s, advertised as %s", self.node_id, self.advertise_url)
         await self._warm_up()
         if self.mqtt is not None:
             await self.mqtt.start()  # connects in the background; /readyz waits for it
@@ -303,7 +321,10 @@ class Server:
         if self.mqtt is not None:
             await self.mqtt.aclose()  # flushes what it can, clears this node's presence
         with contextlib.suppress(Exception):
-            await self.sessions.aclose()
+            await self.sessions.aclose()  # snapshots, and releases each lease: a handoff
+        if self._lease_keeper is not None:  # renewed until every session was handed off
+            self._lease_keeper.cancel()
+            await asyncio.gather(self._lease_keeper, return_exceptions=True)
         if self._ws is not None:
             await self._ws.wait_closed()
         await self.engine.aclose()

@@ -26,6 +26,7 @@ from agent_runtime.errors import (
 )
 from agent_runtime.metrics import Counter
 from agent_runtime.sessions import Session, SessionManager
+from agent_runtime.sessions.session import supersede
 
 __all__ = ["Endpoint", "EventHandler", "Spawn"]
 
@@ -221,12 +222,3 @@ class EventHandler:
 
     async def on_memory_stats(self, event: p.MemoryStats) -> None:
         await self.sessions.memory_stats(self.require_session())
-
-
-def supersede(previous: object, by: object) -> None:
-    """Tell the client that had a session (any transport: websocket, MQTT, an HTTP request)
-    that ``by`` took it over."""
-    if previous is not None and previous is not by:
-        superseded = getattr(previous, "superseded", None)
-        if callable(superseded):
-            superseded()

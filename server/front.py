@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 import h11
 from websockets.asyncio.server import ServerConnection
@@ -34,6 +35,7 @@ __all__ = [
     "HttpRequest",
     "Reply",
     "connection_factory",
+    "forward",
     "json_reply",
 ]
 
@@ -330,3 +332,76 @@ def connection_factory(
         return FrontConnection(router, closing, live, *args, **kwargs)
 
     return create
+
+
+# -- forwarding a request to another node (a cluster's HTTP routing) ----------------------------
+
+FORWARDED_HEADER = "X-Agent-Runtime-Forwarded"
+"""Set on a request one node forwards to another: it is never forwarded again (no loops)."""
+FORWARD_CONNECT_S = 5.0
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+     "proxy-connection", "content-length", "host", "expect"}
+)  # fmt: skip
+
+
+async def forward(request: HttpRequest, base_url: str) -> Reply:
+    """Send ``request`` to the node at ``base_url`` and relay its answer as it streams (SSE
+    chunks arrive as the owner sends them). Raises ``OSError`` or ``TimeoutError`` when the node
+    cannot be reached or does not answer with a response head in time."""
+    parts = urlsplit(base_url)
+    tls = parts.scheme == "https"
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if tls else 80)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=True if tls else None), FORWARD_CONNECT_S
+    )
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        headers = [(k, v) for k, v in request.headers if k not in _HOP_BY_HOP]
+        headers += [
+            ("host", parts.netloc),
+            ("content-length", str(len(request.body))),
+            ("connection", "close"),
+            (FORWARDED_HEADER.lower(), "1"),
+        ]
+        writer.write(conn.send(h11.Request(method=request.method, target=request.path,
+                                           headers=headers)))  # fmt: skip
+        writer.write(conn.send(h11.Data(data=request.body)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+        head = await asyncio.wait_for(_next_event(conn, reader), FORWARD_CONNECT_S * 2)
+        while isinstance(head, h11.InformationalResponse):
+            head = await asyncio.wait_for(_next_event(conn, reader), FORWARD_CONNECT_S * 2)
+        if not isinstance(head, h11.Response):
+            raise ConnectionError(f"{base_url} closed the connection without an answer")
+    except BaseException:
+        writer.close()
+        raise
+    relayed = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in head.headers
+        if k.decode("latin-1").lower() not in _HOP_BY_HOP
+    ]
+
+    async def body() -> AsyncIterator[bytes]:
+        while True:
+            event = await _next_event(conn, reader)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return
+
+    async def close() -> None:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+    return Reply(head.status_code, relayed, stream=body(), close=close)
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await reader.read(65536))

@@ -43,6 +43,7 @@ from agent_runtime.errors import (
     ConflictError,
     OverloadedError,
     RequestError,
+    SessionElsewhereError,
     SessionNotFoundError,
     StoreError,
     UnavailableError,
@@ -51,7 +52,14 @@ from agent_runtime.sessions import Session, SessionManager
 from privacy.audit import AuditLog
 from privacy.tenants import ANONYMOUS_TENANT
 from server.auth import Authenticator
-from server.front import FrontConnection, HttpRequest, Reply, json_reply
+from server.front import (
+    FORWARDED_HEADER,
+    FrontConnection,
+    HttpRequest,
+    Reply,
+    forward,
+    json_reply,
+)
 
 __all__ = ["ApiError", "ChatRequest", "OpenAIRoutes", "parse_chat_request"]
 
@@ -377,7 +385,32 @@ class OpenAIRoutes:
         except RequestError as exc:
             raise ApiError(400, f"the request body: {exc.message}", code="invalid_json") from None
         chat = parse_chat_request(raw, model_id=self.model_id, config=self.config)
-        return await self._complete(tenant, chat, request.header(SESSION_HEADER.lower()), conn)
+        try:
+            return await self._complete(tenant, chat, request.header(SESSION_HEADER.lower()), conn)
+        except SessionElsewhereError as exc:
+            return await self._forward(request, exc)
+
+    async def _forward(self, request: HttpRequest, elsewhere: SessionElsewhereError) -> Reply:
+        """Another node owns the session: relay the request to it (OpenAI SDKs follow no
+        redirects, and httpx drops the API key on a cross-origin one). Never twice."""
+        if request.header(FORWARDED_HEADER.lower()):
+            raise ApiError(
+                503,
+                "the session moved while this request was being forwarded; retry",
+                type="server_error",
+                code="session_elsewhere",
+            )
+        try:
+            return await forward(request, elsewhere.location)
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot forward to node %s: %s", elsewhere.owner, exc)
+            raise ApiError(
+                503,
+                "the node that owns this session does not answer; retry after its lease"
+                " expires (a few seconds)",
+                type="server_error",
+                code="owner_unreachable",
+            ) from None
 
     async def _tenant(self, request: HttpRequest) -> str:
         ws_request = Request(request.path, Headers(request.headers))

@@ -18,7 +18,8 @@ from agent_runtime import protocol as p
 from agent_runtime.config import RuntimeConfig
 from agent_runtime.metrics import Counter
 from agent_runtime.sessions import Session, SessionManager
-from server.events import EventHandler, Spawn, supersede
+from agent_runtime.sessions.session import supersede
+from server.events import EventHandler, Spawn
 
 __all__ = ["Connection", "WebsocketEndpoint", "select_subprotocol"]
 

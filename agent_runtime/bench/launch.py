@@ -7,6 +7,7 @@ waits for it, yields a :class:`ServerProcess`, and on exit stops the server grac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -47,6 +48,50 @@ class ServerProcess:
             self.proc.kill()
             return self.proc.wait()
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the server if it still runs (a stopped one is continued first) and close its pipe."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+            self.stop(timeout=timeout)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_server(
+    data_dir: Path,
+    *args: str,
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> ServerProcess:
+    """Start ``python -m agent_runtime serve --port 0 --data-dir DATA_DIR ARGS...`` and wait
+    for its ready line; the caller stops it (:meth:`ServerProcess.stop`, :meth:`close`)."""
+    log_path = log_path or data_dir.with_name(data_dir.name + ".server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd: Sequence[str] = [
+        sys.executable, "-m", "agent_runtime", "--log-level", "WARNING", "serve",
+        "--port", "0", "--data-dir", str(data_dir), *args,
+    ]  # fmt: skip
+    log: IO[str]
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd, env=env
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = _READY.search(line)
+        if match is None:
+            code = proc.wait(timeout=timeout)
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+            raise RuntimeError(f"server did not start (exit {code}): {tail}")
+    except BaseException:
+        ServerProcess(proc, "", 0, log_path).close(timeout)
+        raise
+    return ServerProcess(proc, match.group(0), int(match.group(2)), log_path)
+
 
 @contextmanager
 def serve_process(
@@ -58,32 +103,11 @@ def serve_process(
     timeout: float = 30.0,
 ) -> Iterator[ServerProcess]:
     """``python -m agent_runtime serve --port 0 --data-dir DATA_DIR ARGS...``, stopped on exit."""
-    log_path = log_path or data_dir.with_name(data_dir.name + ".server.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd: Sequence[str] = [
-        sys.executable, "-m", "agent_runtime", "--log-level", "WARNING", "serve",
-        "--port", "0", "--data-dir", str(data_dir), *args,
-    ]  # fmt: skip
-    log: IO[str]
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd, env=env
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            match = _READY.search(line)
-            if match is None:
-                code = proc.wait(timeout=timeout)
-                tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-                raise RuntimeError(f"server did not start (exit {code}): {tail}")
-            server = ServerProcess(proc, match.group(0), int(match.group(2)), log_path)
-            yield server
-        finally:
-            if proc.poll() is None:
-                ServerProcess(proc, "", 0, log_path).stop(timeout=timeout)
-            if proc.stdout is not None:
-                proc.stdout.close()
+    server = start_server(data_dir, *args, log_path=log_path, cwd=cwd, env=env, timeout=timeout)
+    try:
+        yield server
+    finally:
+        server.close(timeout)
 
 
 MOSQUITTO = "/usr/sbin/mosquitto"

@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -99,13 +100,29 @@ def remote_error(event: Event) -> RemoteError:
         )
     retry = body.get("retry_after_ms")
     event_id = body.get("event_id")
+    location = body.get("location")
     return RemoteError(
         str(body.get("message", "")),
         type=str(body.get("type", "invalid_request_error")),
         code=str(body.get("code", "invalid_request")),
         event_id=event_id if isinstance(event_id, str) else None,
         retry_after_ms=int(retry) if isinstance(retry, int | float) else None,
+        location=location if isinstance(location, str) else None,
     )
+
+
+def websocket_url(base: str) -> str:
+    """The websocket endpoint of a node's base URL (``http://h:p`` -> ``ws://h:p/v1/realtime``)."""
+    parts = urlsplit(base)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1/realtime"):
+        path += "/v1/realtime"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+MAX_REDIRECTS = 3
+"""How many ``session_elsewhere`` redirects one resume follows."""
 
 
 CodecName = Literal["json", "msgpack"]
@@ -290,7 +307,9 @@ class AgentClient:
     """A connection to an agent-runtime server: ``async with AgentClient(url) as client``.
 
     Args:
-        url: the websocket endpoint, ``ws://HOST:PORT/v1/realtime``.
+        url: the websocket endpoint, ``ws://HOST:PORT/v1/realtime``; or, for a cluster without
+            a load balancer in front, a list of the nodes' endpoints: :meth:`connect` and
+            :meth:`reconnect` try them in turn, from the one last used.
         codec: ``"json"`` (text frames) or ``"msgpack"`` (binary frames); picks the subprotocol.
         headers: extra HTTP headers for the opening handshake.
         api_key: the tenant's API key, sent as ``Authorization: Bearer <api_key>``.
@@ -300,7 +319,7 @@ class AgentClient:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         codec: CodecName = "json",
         headers: Mapping[str, str] | None = None,
@@ -309,7 +328,11 @@ class AgentClient:
     ) -> None:
         if codec not in SUBPROTOCOLS:
             raise ValueError(f"codec must be 'json' or 'msgpack', got {codec!r}")
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("url must name at least one endpoint")
+        self.url = self.urls[0]
+        """The endpoint of the current (or last) connection."""
         self.codec: CodecName = codec
         self.subprotocol = SUBPROTOCOLS[codec]
         self.headers = dict(headers or {})
@@ -347,11 +370,25 @@ class AgentClient:
         await self.aclose()
 
     async def connect(self) -> None:
-        """Open the websocket (the client is not reusable once closed)."""
+        """Open the websocket (the client is not reusable once closed). With several endpoints,
+        the current one is tried first, then the others in order."""
         if self.state is ClientState.CLOSED:
             raise ClientStateError("the client is closed")
         if self.state is ClientState.OPEN:
             raise ClientStateError("the client is already connected")
+        start = self.urls.index(self.url) if self.url in self.urls else 0
+        order = [self.url, *(u for u in self.urls[start:] + self.urls[:start] if u != self.url)]
+        failure: DisconnectedError | None = None
+        for url in order:
+            self.url = url
+            try:
+                return await self._connect_one()
+            except DisconnectedError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def _connect_one(self) -> None:
         try:
             ws = await connect(
                 self.url,
@@ -436,13 +473,48 @@ class AgentClient:
         if last_seq is None:
             last_seq = self.last_seq if session_id == self.session_id else 0
         self.session_id, self.last_seq = session_id, last_seq
-        event = await self._request(p.session_resume(session_id, last_seq), "session.resumed")
+        event = await self._resume_following(session_id, last_seq)
         info = SessionInfo.from_event(event, self._replayed)
         self._replayed = []
         response = self._response
         if info.events_lost and response is not None and not response.finished:
             response._push(EventsLostError(f"events after seq {last_seq} were no longer buffered"))
         return info
+
+    async def _resume_following(self, session_id: str, last_seq: int) -> Event:
+        """``session.resume``, following ``session_elsewhere`` redirects to the owning node. An
+        owner that does not answer (it died; its lease has not expired yet) is retried through
+        the configured endpoints with a growing pause, until :attr:`timeout` runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if self.timeout is not None else 60.0)
+        hops, pause = 0, 0.1
+        while True:
+            try:
+                return await self._request(
+                    p.session_resume(session_id, last_seq), "session.resumed"
+                )
+            except RemoteError as exc:
+                if exc.code != "session_elsewhere" or not exc.location:
+                    raise
+                location = websocket_url(exc.location)
+            hops += 1
+            if hops > MAX_REDIRECTS * 4:
+                raise ClientError(f"session {session_id}: too many redirects (last: {location})")
+            log.info("session %s is served at %s; following", session_id, location)
+            await self._drop_connection()
+            self.state = ClientState.DISCONNECTED
+            here, self.url = self.url, location
+            try:
+                await self._connect_one()
+                continue
+            except DisconnectedError:
+                if loop.time() + pause > deadline:
+                    raise
+            # The owner is gone but its lease holds: wait, then ask a node we know again.
+            await asyncio.sleep(pause)
+            pause = min(2.0, pause * 2)
+            self.url = here if here in self.urls else self.urls[0]
+            await self.connect()
 
     def respond(
         self,

@@ -22,15 +22,17 @@ from typing import Any, TypeVar
 
 import agent_runtime.sessions.state as state_file
 from agent_runtime import protocol as p
-from agent_runtime.config import ServerConfig
+from agent_runtime.config import ClusterConfig, ServerConfig
 from agent_runtime.engine import Engine, OutputCollector, ResponseResult, SamplingParams
 from agent_runtime.errors import (
     BankFormatError,
     CheckpointError,
     ConflictError,
+    FencedError,
     OverloadedError,
     PrivacyError,
     RequestError,
+    SessionElsewhereError,
     SessionNotFoundError,
     StorageError,
     StoreError,
@@ -41,7 +43,8 @@ from agent_runtime.layout import BANK_DIR, session_directory
 from agent_runtime.metrics import EngineMetrics
 from agent_runtime.models.base import SessionState
 from agent_runtime.sessions.items import Ledger, char_ends
-from agent_runtime.sessions.session import Session
+from agent_runtime.sessions.ownership import Lease, Leases, Owner, claim_fence, read_fence
+from agent_runtime.sessions.session import Session, supersede
 from agent_runtime.sessions.store import SessionMeta, SessionStore
 from memory import MemoryBank, MemoryConfig
 from privacy.audit import AuditLog
@@ -73,6 +76,7 @@ class SessionManager:
         audit: AuditLog | None = None,
         node_id: str = "",
         metrics: EngineMetrics | None = None,
+        cluster: ClusterConfig | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -92,6 +96,13 @@ class SessionManager:
         self.storage = StorageHealth(data_dir)
         self.model = engine.model
         self.fingerprint = engine.model.fingerprint
+        self.cluster = cluster or ClusterConfig()
+        # Ownership through Redis leases when several nodes share the store and the data root.
+        self.leases: Leases | None = None
+        if self.cluster.enabled:
+            self.leases = Leases(
+                store, node_id, self.cluster.advertise_url, self.cluster.lease_ttl_s
+            )
 
     @contextlib.contextmanager
     def _admitted(self, tenant: str) -> Iterator[None]:
@@ -120,13 +131,17 @@ class SessionManager:
         if self.audit is not None:
             self.audit.post(tenant, action, session_id, **details)
 
-    def _open(self, tenant: str, session_id: str, *, new: bool) -> _Opened:
+    def _open(self, tenant: str, session_id: str, *, new: bool, lease: Lease | None) -> _Opened:
         """Open (or create) a session's bank, generation state and privacy state (worker thread).
 
         Everything on disk is sealed with the session's data key when encryption at rest is on;
-        a file of another tenant or session fails authentication before it is parsed.
+        a file of another tenant or session fails authentication before it is parsed. In a
+        cluster the new owner's fencing token is claimed in the directory before anything is
+        read, so a previous owner's later writes are refused.
         """
         directory = self.directory(tenant, session_id)
+        if lease is not None:
+            claim_fence(directory, lease.token)
         cipher = None
         if self.keystore is not None:
             cipher = self.keystore.session_cipher(tenant, session_id, create=new)
@@ -145,6 +160,8 @@ class SessionManager:
             parts=self.model.memory_parts,
         )
         try:
+            if lease is not None:
+                bank.meta["fence"] = lease.token  # logged before this owner's first records
             bank.meta.setdefault("model_fingerprint", self.fingerprint)
             if bank.meta["model_fingerprint"] != self.fingerprint:
                 raise BankFormatError(
@@ -192,6 +209,7 @@ class SessionManager:
         session.cipher = opened.cipher
         session.ledger = opened.ledger
         session.on_detach = self.detached
+        session.lease = opened.lease
         if opened.privacy.enabled:
             opened.state.protect = session.protect_keys
         self.sessions[session.key] = session
@@ -200,7 +218,15 @@ class SessionManager:
     async def create(self, tenant: str, session_id: str, instructions: str = "") -> Session:
         self.storage.check()
         with self._admitted(tenant):
-            opened = await self._call_storage(lambda: self._open(tenant, session_id, new=True))
+            lease = await self._acquire(session_id, 0)
+            try:
+                opened = await self._call_storage(
+                    lambda: self._open(tenant, session_id, new=True, lease=lease)
+                )
+            except BaseException:
+                await self._release(lease)
+                raise
+            opened.lease = lease
             now = time.time()
             meta = SessionMeta(
                 session_id, tenant, created_at=now, last_active=now, owner=self.node_id
@@ -209,6 +235,7 @@ class SessionManager:
                 await self.store.create(meta)
             except BaseException:
                 await self.engine.call(lambda: opened.bank.close(sync=False))
+                await self._release(lease)
                 raise
             session = self._register(opened, session_id, tenant, meta)
         if instructions:
@@ -228,6 +255,9 @@ class SessionManager:
         while (unloading := self._unloading.get(key)) is not None:
             await asyncio.shield(unloading)  # a session being unloaded is loaded again after
         session = self.sessions.get(key)
+        if session is not None and session.lease is not None and not session.lease.valid:
+            await self.drop(session, "its lease expired")  # then load it again, if it is ours
+            session = None
         if session is None:
             loading = self._loading.get(key)
             if loading is None:
@@ -265,14 +295,28 @@ class SessionManager:
             self._audit(tenant, "denied", session_id, code="session_not_found")
             raise SessionNotFoundError("no such session")
         with self._admitted(tenant):
-            opened = await self._call_storage(lambda: self._open(tenant, session_id, new=False))
+            lease = None
+            if self.leases is not None:
+                floor = await self._call_storage(lambda: read_fence(directory))
+                lease = await self._acquire(session_id, floor)
+            try:
+                opened = await self._call_storage(
+                    lambda: self._open(tenant, session_id, new=False, lease=lease)
+                )
+            except BaseException:
+                await self._release(lease)
+                raise
+            opened.lease = lease
             try:
                 if meta is None:  # Redis lost it: the directory is the source of truth
                     meta = self._rebuilt_meta(tenant, session_id, opened)
                     await self.store.create(meta)
                     log.info("session %s: metadata rebuilt from its directory", session_id)
+                elif lease is not None:
+                    meta.owner = self.node_id
             except BaseException:
                 await self.engine.call(lambda: opened.bank.close(sync=False))
+                await self._release(lease)
                 raise
             session = self._register(opened, session_id, tenant, meta)
         header_seq = opened.header.seq if opened.header is not None else 0
@@ -297,10 +341,90 @@ class SessionManager:
             owner=self.node_id,
         )
 
+    # -- ownership (cluster) -----------------------------------------------------------------------
+
+    async def _acquire(self, session_id: str, floor: int) -> Lease | None:
+        """Take the session's lease (None outside a cluster); another node's lease is a
+        :class:`SessionElsewhereError` naming where the session is served."""
+        if self.leases is None:
+            return None
+        got = await self.leases.acquire(session_id, floor)
+        if isinstance(got, Owner):
+            raise SessionElsewhereError(
+                f"the session is served by node {got.node}; connect there",
+                location=got.url,
+                owner=got.node,
+            )
+        log.info("session %s: lease taken (fencing token %d)", session_id, got.token)
+        return got
+
+    async def _release(self, lease: Lease | None) -> None:
+        if lease is not None and self.leases is not None:
+            await self.leases.release(lease)
+
+    async def drop(self, session: Session, why: str) -> None:
+        """Stop serving a session at once, writing nothing: this node lost its lease (another
+        node owns it, or it expired while Redis was unreachable). Its client gets an ``error``
+        (``session_moved``) and is detached; a resume finds the session where it is now."""
+        if session.closed:
+            return
+        log.warning("session %s: stopped serving it here: %s", session.session_id, why)
+        if session.lease is not None:
+            session.lease.valid_until = 0.0  # every write from now on is refused
+        done = asyncio.get_running_loop().create_future()
+        self._unloading[session.key] = done
+        try:
+            await self._stop_response(session)
+            session.closed = True
+            self.sessions.pop(session.key, None)
+            client = session.client
+            moved = UnavailableError(
+                "this node no longer owns the session; resume it to reach its owner",
+                code="session_moved",
+            )
+            sender = session.sender
+            if sender is not None:
+                with contextlib.suppress(Exception):
+                    await sender(p.stamp(p.error_event(moved), session.seq))
+            session.detach()
+            supersede(client)
+            await self.engine.call(lambda: session.bank.close(sync=False))
+        finally:
+            del self._unloading[session.key]
+            done.set_result(None)
+
+    async def keep_leases(self) -> None:
+        """Renew this node's leases until cancelled (the server runs it): one pipelined round
+        every ``cluster.renew_interval_s``. A lost lease drops its session at once; while Redis
+        does not answer, sessions are served until their leases may have expired."""
+        assert self.leases is not None
+        every = self.cluster.renew_every_s
+        while True:
+            await asyncio.sleep(every)
+            owned = [s for s in self.sessions.values() if s.lease is not None and not s.closed]
+            try:
+                results = await self.leases.renew([s.lease for s in owned if s.lease])
+            except StoreError as exc:
+                log.warning("cannot renew %d session leases: %s", len(owned), exc)
+                results = [-1] * len(owned)
+            for session, result in zip(owned, results, strict=True):
+                if result == 0:
+                    await self.drop(session, "another node took its lease")
+                elif result == 2:
+                    log.info("session %s: lease re-established in Redis", session.session_id)
+                elif result < 0 and session.lease is not None and not session.lease.valid:
+                    await self.drop(session, "its lease expired while Redis was unreachable")
+
     async def _call_storage(self, fn: Callable[[], T]) -> T:
         """Run a storage step on the worker; storage failures become UnavailableError."""
         try:
             return await self.engine.call(fn)
+        except FencedError as exc:
+            log.warning("write refused by the session's fencing token: %s", exc)
+            raise UnavailableError(
+                "this node no longer owns the session; resume it to reach its owner",
+                code="session_moved",
+            ) from exc
         except StorageError as exc:
             self.storage.failed(exc)
             raise UnavailableError(
@@ -426,6 +550,7 @@ class SessionManager:
         header = _state_header(session, turns=session.meta.turns + 1)
 
         def sync() -> int:
+            session.check_fence()
             session.bank.sync()
             header.bank_position = session.bank.durable_position()
             state_file.save(self.model, session.directory, session.state, header, session.cipher)
@@ -433,6 +558,11 @@ class SessionManager:
 
         try:
             entries = await self.engine.call(sync)
+        except FencedError as exc:
+            log.warning(
+                "session %s: turn refused by its fencing token: %s", session.session_id, exc
+            )
+            return dataclasses.replace(result, status="failed", reason="session_moved")
         except StorageError as exc:
             self.storage.failed(exc)
             log.error("session %s: turn not durable: %s", session.session_id, exc)
@@ -482,6 +612,7 @@ class SessionManager:
         header = _state_header(session, turns=session.meta.turns)
 
         def write() -> int:
+            session.check_fence()
             session.bank.snapshot()
             header.bank_position = session.bank.durable_position()
             state_file.save(self.model, session.directory, session.state, header, session.cipher)
@@ -509,10 +640,17 @@ class SessionManager:
         self._unloading[session.key] = done
         try:
             await self._stop_response(session)
-            await self.snapshot(session)
-            await self.engine.call(session.bank.close)
+            try:
+                await self.snapshot(session)
+            except UnavailableError as exc:
+                if exc.code != "session_moved":
+                    raise
+                await self.engine.call(lambda: session.bank.close(sync=False))
+            else:
+                await self.engine.call(session.bank.close)
             session.closed = True
             self.sessions.pop(session.key, None)
+            await self._release(session.lease)  # another node may take it at once
         finally:
             del self._unloading[session.key]
             done.set_result(None)
@@ -522,6 +660,7 @@ class SessionManager:
         (crypto-erasure), every bank generation, log and state file, and its Redis keys. The
         audit log keeps the fact of the erasure, without content."""
         await self._stop_response(session)
+        await self._call_storage(session.check_fence)  # a stale owner erases nothing
         session.closed = True
         self.sessions.pop(session.key, None)
         await self.engine.call(lambda: session.bank.close(sync=False))  # erased next: no sync
@@ -548,6 +687,9 @@ class SessionManager:
                 " is destroyed first, so what remains is unreadable",
                 code="erasure_incomplete",
             ) from exc
+        if self.leases is not None:
+            with contextlib.suppress(StoreError):
+                await self.leases.forget(sid)
         log.info("session %s erased", sid)
 
     def detached(self, session: Session) -> None:
@@ -602,6 +744,7 @@ class _Opened:
     header: state_file.StateHeader | None = None
     reserved_seq: int = 0
     ledger: Ledger = dataclasses.field(default_factory=Ledger)
+    lease: Lease | None = None
 
 
 def _state_header(session: Session, *, turns: int) -> state_file.StateHeader:
@@ -612,6 +755,7 @@ def _state_header(session: Session, *, turns: int) -> state_file.StateHeader:
         tokens=session.state.position,
         seq=session.seq,
         ledger=session.ledger.as_json(),
+        fence=session.lease.token if session.lease is not None else 0,
     )
 
 

@@ -22,15 +22,16 @@ import numpy as np
 
 import agent_runtime.sessions.state as state_file
 from agent_runtime import protocol as p
-from agent_runtime.errors import StorageError
+from agent_runtime.errors import FencedError, StorageError
 from agent_runtime.models.base import SessionState
 from agent_runtime.sessions.items import Ledger
+from agent_runtime.sessions.ownership import Lease, check_fence
 from agent_runtime.sessions.store import SessionMeta
 from memory import MemoryBank
 from privacy.crypto import SessionCipher
 from privacy.session import SessionPrivacy
 
-__all__ = ["Sender", "Session"]
+__all__ = ["Sender", "Session", "supersede"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,13 @@ class Session:
         # Called whenever the last client goes, however it went (closed, or a send failed).
         self.on_detach: Callable[[Session], None] | None = None
         self.closed = False
+        self.lease: Lease | None = None  # this node's lease when it runs in a cluster
+
+    def check_fence(self) -> None:
+        """Before a write to the session's files: refuse it (FencedError) when another node
+        has claimed the session since this node took its lease (a no-op outside a cluster)."""
+        if self.lease is not None:
+            check_fence(self.directory, self.lease.token)
 
     @property
     def key(self) -> str:
@@ -115,8 +123,9 @@ class Session:
             return
         upto = self.seq + SEQ_BLOCK - 1
         try:
+            self.check_fence()
             state_file.reserve_seq(self.directory, upto)
-        except StorageError as exc:
+        except (StorageError, FencedError) as exc:  # fenced: the lease keeper drops the session
             self._reserve_retry_at = now + 1.0
             log.warning("session %s: cannot reserve event seqs: %s", self.session_id, exc)
             return
@@ -139,6 +148,7 @@ class Session:
     def protect_keys(self, keys: np.ndarray) -> np.ndarray:
         """Noise a block's keys (worker thread); under the ``message`` unit a turn is the message."""
         assert self.privacy is not None
+        self.check_fence()  # the ledger is written before the keys are stored
         return self.privacy.protect(keys, message_id=f"turn-{self.meta.turns}")
 
     def attach(self, sender: Sender, client: object = None) -> None:
@@ -166,3 +176,12 @@ class Session:
         if not self.events or self.events[0]["seq"] > last_seq + 1:
             return None
         return [e for e in self.events if e["seq"] > last_seq]
+
+
+def supersede(previous: object, by: object = None) -> None:
+    """Tell the client that had a session (any transport: websocket, MQTT, an HTTP request)
+    that ``by`` took it over (None: the session left this node)."""
+    if previous is not None and previous is not by:
+        superseded = getattr(previous, "superseded", None)
+        if callable(superseded):
+            superseded()

@@ -55,6 +55,8 @@ class StateHeader:
     """The bank's (generation, committed log records) when this state was saved."""
     ledger: dict[str, Any] | None = None
     """The item ledger (``agent_runtime.sessions.items``): ids, spans, digests; no text."""
+    fence: int = 0
+    """The fencing token of the owner that wrote it (0 outside a cluster)."""
 
     @classmethod
     def parse(cls, raw: object, session_id: str, fallback_created: float) -> StateHeader:
@@ -68,6 +70,7 @@ class StateHeader:
                 seq=int(doc.get("seq", 0)),
                 bank_position=_position(doc.get("bank")),
                 ledger=doc.get("items") if isinstance(doc.get("items"), dict) else None,
+                fence=int(doc.get("fence", 0)),
             )
         except (TypeError, ValueError) as exc:
             raise BankFormatError(f"{STATE_FILE}: malformed header: {exc}") from exc
@@ -95,6 +98,7 @@ def save(
             "seq": header.seq,
             "bank": list(header.bank_position) if header.bank_position is not None else None,
             "items": header.ledger,
+            "fence": header.fence,
         }
     ).encode()
     blob = _MAGIC + _LEN.pack(len(head)) + head + model.save_state(state)
