@@ -388,12 +388,16 @@ class AgentClient:
         assert failure is not None
         raise failure
 
+    def _routing_header(self) -> dict[str, str]:
+        return {"X-Session-Id": self.session_id} if self.session_id else {}
+
     async def _connect_one(self) -> None:
         try:
             ws = await connect(
                 self.url,
                 subprotocols=[Subprotocol(self.subprotocol)],
-                additional_headers=self.headers or None,
+                # A load balancer in front of a cluster can route by it (docs/scaling.md).
+                additional_headers={**self.headers, **self._routing_header()} or None,
                 open_timeout=self.timeout,
                 compression=None,
                 max_size=None,
