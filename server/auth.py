@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.http11 import Request
@@ -21,6 +22,7 @@ class Authenticator:
         self.tenants = tenants
         self.tickets: TicketIssuer | None = None
         self.port = config.port  # the bound port, set by the server once it listens
+        self.peers: Callable[[], set[str]] | None = None  # the cluster's node URLs, if any
 
     def required(self) -> bool:
         """``required``; ``none``; or ``auto``: required once any tenant has ever been added.
@@ -60,7 +62,13 @@ class Authenticator:
         origin = request.headers.get("Origin")
         if origin is None:
             return True  # not a browser
-        return origin.rstrip("/") in self.own_origins() | self.configured_origins()
+        allowed = self.own_origins() | self.configured_origins() | self.peer_origins()
+        return origin.rstrip("/") in allowed
+
+    def peer_origins(self) -> set[str]:
+        """In a cluster, the origins of the other nodes (a page served by one node may follow
+        a redirect to another): their advertised base URLs, as announced in Redis."""
+        return {u.rstrip("/") for u in self.peers()} if self.peers is not None else set()
 
     def configured_origins(self) -> set[str]:
         return {o.strip().rstrip("/") for o in self.config.allowed_origins.split(",") if o.strip()}

@@ -164,6 +164,14 @@ class Cluster:
         node.close()
         self.nodes[i] = None
 
+    def stop(self, i: int) -> int:
+        """SIGTERM node ``i`` (a graceful stop: it hands its sessions off) and wait; its exit code."""
+        node = self.node(i)
+        code = node.stop()
+        node.close()
+        self.nodes[i] = None
+        return code
+
     def log_text(self) -> str:
         return "\n".join(
             f"--- node{i}\n" + p.read_text(errors="replace")

@@ -99,6 +99,7 @@ class SessionManager:
         self.cluster = cluster or ClusterConfig()
         # Ownership through Redis leases when several nodes share the store and the data root.
         self.leases: Leases | None = None
+        self.peers: set[str] = set()  # base URLs of the cluster's live nodes (this one included)
         if self.cluster.enabled:
             self.leases = Leases(
                 store, node_id, self.cluster.advertise_url, self.cluster.lease_ttl_s
@@ -400,6 +401,8 @@ class SessionManager:
         assert self.leases is not None
         every = self.cluster.renew_every_s
         while True:
+            with contextlib.suppress(StoreError):
+                self.peers = await self.leases.announce()
             await asyncio.sleep(every)
             owned = [s for s in self.sessions.values() if s.lease is not None and not s.closed]
             try:

@@ -203,6 +203,28 @@ class Leases:
             raise StoreError(f"cannot read a session lease: {exc}") from exc
         return None if value is None else Owner.parse(str(value))
 
+    async def announce(self) -> set[str]:
+        """Record this node as alive (``P:nodes``: node id -> "<unix time> <url>") and return
+        the base URLs of every node seen alive within three lease TTLs (itself included)."""
+        key = f"{self.store.config.key_prefix}:nodes"
+        now = time.time()
+        try:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(key, self.node_id, f"{now:.3f} {self.url}")
+                pipe.hgetall(key)
+                _, members = await pipe.execute()
+        except RedisError as exc:
+            raise StoreError(f"cannot announce this node: {exc}") from exc
+        alive = set()
+        for value in members.values():
+            seen, _, url = str(value).partition(" ")
+            try:
+                if now - float(seen) < 3 * self.ttl_s and url:
+                    alive.add(url)
+            except ValueError:
+                continue
+        return alive
+
     async def forget(self, session_id: str) -> None:
         """Delete the session's lease and fencing counter (the session was erased)."""
         try:

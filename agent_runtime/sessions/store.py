@@ -182,11 +182,16 @@ class SessionStore:
     async def update(self, session_id: str, **values: float | int | str) -> None:
         """Set fields, bump ``last_active`` and refresh the sliding TTL."""
         values.setdefault("last_active", time.time())
+        values["session_id"] = session_id  # a hash Redis lost is written again whole
         key = self.session_key(session_id)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping=cast(Any, {k: str(v) for k, v in values.items()}))
                 pipe.expire(key, int(self.config.session_ttl_s))
+                if "tenant" in values:  # and its tenant's index, should Redis have lost it
+                    index = self._key("tenant", str(values["tenant"]), "sessions")
+                    pipe.sadd(index, session_id)
+                    pipe.expire(index, int(self.config.session_ttl_s))
                 await pipe.execute()
         except RedisError as exc:
             raise StoreError(f"cannot update session metadata: {exc}") from exc
