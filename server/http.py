@@ -82,6 +82,10 @@ class HttpRoutes:
             return response(200, self.registry.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path in ("/", "/index.html") and self.page is not None:
             html, csp = self.page
+            peers = sorted(self.auth.peer_origins())
+            if peers:  # in a cluster the page may follow its session to another node
+                ws = [re.sub(r"^http", "ws", origin) for origin in peers]
+                csp = csp.replace("connect-src 'self'", "connect-src 'self' " + " ".join(ws))
             return response(
                 200, html, "text/html; charset=utf-8", [("Content-Security-Policy", csp)]
             )

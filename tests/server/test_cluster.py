@@ -36,7 +36,7 @@ from agent_runtime.sessions.ownership import (
 )
 from agent_runtime.sessions.store import SessionStore
 from privacy.tenants import ANONYMOUS_TENANT
-from tests.server.test_web import browser, open_page, reply_finished, send
+from tests.server.test_web import WAIT_MS, browser, open_page, reply_finished, send
 
 __all__ = ["browser"]  # the fixture, shared with test_web
 
@@ -371,9 +371,9 @@ async def test_web_page_follows_its_session_to_the_owning_node(
     await page.evaluate("(sid) => { localStorage.setItem('agent-runtime.session', sid); }", sid)
     await page.reload()
     status = page.locator("#status")
-    await expect(status).to_have_text(f"resumed {sid}")
+    await expect(status).to_contain_text(sid, timeout=WAIT_MS)  # resumed on node 0
     await send(page, "Where do I park?")
-    await reply_finished(page, 1)
+    await reply_finished(page, 2)  # the first turn's reply (replayed on resume), then this one
     await page.close()
     # the turn landed on the owner (node 0), which the page reached from node 1's origin
     again, info = await resumed([cluster.node(0).url], sid)
