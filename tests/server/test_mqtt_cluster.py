@@ -68,7 +68,8 @@ async def until_unsubscribed(broker: Broker, topic: str) -> list[str]:
 def mqtt_cluster(tmp_path: Path, broker: Broker, *extra: str) -> Iterator[Cluster]:
     args = (
         "--mqtt-url", broker.url, "--mqtt-username", broker.bridge_user,
-        "--mqtt-password", broker.bridge_password, "--mqtt-reconnect-max-s", "0.5", *extra,
+        f"--mqtt-password={broker.bridge_password}",  # it may begin with "-"
+        "--mqtt-reconnect-max-s", "0.5", *extra,
     )  # fmt: skip
     with Cluster(tmp_path / "cluster", 2, lease_ttl_s=LEASE_TTL_S, args=args) as c:
         yield c
