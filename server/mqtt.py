@@ -11,6 +11,19 @@ Topics, under ``mqtt.topic_prefix`` (``P``, default ``agent-runtime/v1``):
 * ``P/{tenant}/sessions/{id}/out`` — the session's server events, QoS 1, in ``seq`` order;
 * ``P/nodes/{node}/presence`` — this node, retained while it is connected, cleared by its will.
 
+On one node the bridge subscribes to ``P/+/sessions/create`` and ``P/+/sessions/+/in``. In a
+cluster (``cluster.enabled``) only a session's owner should see its events, so:
+
+* ``create`` is a shared subscription (``$share/{group}/P/+/sessions/create``): the broker hands
+  each request to one node of the group;
+* the owner subscribes to the exact ``in`` topics of each session it serves over MQTT (MQTT 5
+  subscription identifier :data:`SUB_EXACT`) from when it took the session until the session
+  leaves the node (unloaded, dropped when its lease is lost, deleted);
+* ``$share/{group}/P/+/sessions/+/in`` (identifier :data:`SUB_SHARED`) reaches sessions no node
+  subscribes to exactly (unloaded ones; the owner died): the node it lands on takes the session.
+  A copy of it for a session this node serves exactly is ignored (the exact copy is handled),
+  and so is any message for a session another node owns (that node has its exact copy).
+
 A ``/msgpack`` suffix on a topic a client publishes to selects msgpack for the message and for
 the answers (``.../out/msgpack``, the reply topic as given); JSON otherwise.
 
@@ -54,10 +67,11 @@ from agent_runtime.errors import (
     OverloadedError,
     ProtocolError,
     RequestError,
+    SessionElsewhereError,
     SessionNotFoundError,
 )
 from agent_runtime.metrics import Registry
-from agent_runtime.sessions import SessionManager
+from agent_runtime.sessions import Session, SessionManager
 from privacy.audit import AuditLog
 from privacy.tenants import ANONYMOUS_TENANT as ANONYMOUS
 from server.auth import Authenticator
@@ -81,10 +95,26 @@ PUBLISH_TIMEOUT_S = 10.0
 # of milliseconds (paho does not set it; the broker needs ``set_tcp_nodelay true`` too).
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 BACKOFF_START_S = 0.1
+SUB_SHARED = 1
+"""Subscription identifier of the cluster's shared ``in`` subscription."""
+SUB_EXACT = 2
+"""Subscription identifier of an owner's exact subscription to one session's ``in`` topics."""
+EXACT_BATCH = 64
+"""Sessions per SUBSCRIBE when a reconnected node takes its exact subscriptions again."""
+RELEASE_EVERY_S = 1.0
+"""How often a cluster node looks for sessions that left it (unloaded) to unsubscribe them."""
 
 
 class _Overflow(Exception):
     """A session's outbox is full: the session detaches (its client resumes by seq)."""
+
+
+class _Refused(aiomqtt.MqttError):
+    """The broker refused a subscription (its SUBACK carries a failure code)."""
+
+
+class _Elsewhere(Exception):
+    """Another node owns the session: this copy of the message is not ours to answer."""
 
 
 def _props(packet: int) -> Properties:
@@ -115,6 +145,8 @@ class _Outgoing:
 
 class MqttSession(EventHandler):
     """One session over MQTT: its topic pair is its connection."""
+
+    passthrough = (_Elsewhere,)
 
     def __init__(self, bridge: MqttBridge, tenant: str, session_id: str, codec: p.Codec) -> None:
         super().__init__(bridge, codec, tenant)
@@ -165,9 +197,24 @@ class MqttSession(EventHandler):
     async def _work(self) -> None:
         while self.inbox:
             item = self.inbox.popleft()
-            await self.on_event(item, _decoded)
+            try:
+                await self.on_event(item, _decoded)
+            except _Elsewhere as exc:
+                log.debug("session %s: owned by node %s; ignoring a copy", self.session_id, exc)
         if not self.attached and not self.inbox:
             self.bridge.forget(self)
+
+    async def _take(self) -> Session:
+        """The session, loaded here if need be, with this node's exact subscription to its
+        ``in`` topics in place (cluster) before anything is answered."""
+        try:
+            session = await self.sessions.get(self.tenant, self.session_id)
+        except SessionElsewhereError as exc:
+            if self.bridge.cluster:  # its owner received this message too: stay silent
+                raise _Elsewhere(exc.owner) from exc
+            raise
+        await self.bridge.hold(self.key, session)
+        return session
 
     async def handle(self, event: p.ClientEvent) -> None:
         """Any event on the ``/in`` topic attaches the session here (resume replays first)."""
@@ -177,14 +224,13 @@ class MqttSession(EventHandler):
                 code="invalid_event",
             )
         if not self.attached:
-            session = await self.sessions.get(self.tenant, self.session_id)
-            self.attach(session)
+            self.attach(await self._take())
 
     async def on_session_resume(self, event: p.SessionResume) -> None:
         if event.session_id != self.session_id:
             self.bridge.audit.post(self.tenant, "denied", event.session_id, code="topic_mismatch")
             raise SessionNotFoundError("no such session")
-        session = await self.sessions.get(self.tenant, self.session_id)
+        session = await self._take()
         if self.session is not None:
             self.session.detach(self.send)
             self.session = None
@@ -198,6 +244,9 @@ class MqttSession(EventHandler):
     def superseded(self) -> None:
         super().superseded()
         self.outbox.clear()
+        # Taken by another client on this node: the exact subscription stays (an MQTT event may
+        # take the session back). Dropped from this node (its lease was lost): given up now.
+        self.bridge.release_gone()
 
     async def send_error(self, exc: Exception, event_id: str | None) -> None:
         if self.attached:
@@ -277,11 +326,28 @@ class CreateRequest(EventHandler):
     async def on_session_create(self, event: p.SessionCreate) -> None:
         session = await self.sessions.create(self.tenant, p.new_id("sess"), event.instructions)
         link = self.bridge.link(self.tenant, session.session_id, self.codec)
+        await self.bridge.hold(link.key, session)  # before the client learns the id
         link.attach(session)
         await session.emit(p.session_created(session.describe()))  # seq 1, on the /out topic
         created = next((e for e in session.events if e["type"] == "session.created"), None)
         if created is not None:
             await self.send(created)  # and the answer to the request
+
+
+@dataclass
+class _Exact:
+    """This node's exact subscription to one session's ``in`` topics (cluster)."""
+
+    topics: list[str]
+    session: Session
+    ready: asyncio.Task[None] | None = None  # the SUBSCRIBE in flight, or done
+
+
+def share_group(key_prefix: str) -> str:
+    """The shared-subscription group of the nodes that share ``store.key_prefix`` (one Redis
+    namespace: one cluster); characters a group name may not hold become ``-``."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in key_prefix)
+    return f"agent-runtime-{safe}"
 
 
 @dataclass(frozen=True)
@@ -330,6 +396,11 @@ class MqttBridge:
         cfg = config.mqtt
         self.prefix = cfg.topic_prefix
         self.presence_topic = f"{self.prefix}/nodes/{node_id}/presence"
+        self.cluster = config.cluster.enabled
+        self.group = share_group(config.store.key_prefix)
+        self.exact: dict[str, _Exact] = {}  # by "tenant/session_id"
+        self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._releaser: asyncio.Task[None] | None = None
         self.closing = False
         self.connected = False
         self.links: dict[str, MqttSession] = {}
@@ -351,6 +422,8 @@ class MqttBridge:
             self._tls = await asyncio.to_thread(ssl.create_default_context, cafile=ca)
         self._task = asyncio.create_task(self._run(), name="mqtt-bridge")
         self._sweeper = asyncio.create_task(self._sweep(), name="mqtt-idle-sweep")
+        if self.cluster:
+            self._releaser = asyncio.create_task(self._release_loop(), name="mqtt-release")
 
     async def wait_connected(self) -> None:
         """Until the bridge is connected (wrap it in a timeout)."""
@@ -371,12 +444,15 @@ class MqttBridge:
         tasks: list[asyncio.Task[Any]] = []
         for link in list(self.links.values()):
             tasks += link.cancel_tasks()
-        for task in (self._sweeper, self._loose_task, self._task):
+        tasks += [e.ready for e in self.exact.values() if e.ready is not None]
+        tasks += list(self._unsubscribing)
+        for task in (self._sweeper, self._releaser, self._loose_task, self._task, *tasks):
             if task is not None and not task.done():
                 task.cancel()
                 tasks.append(task)
         await asyncio.gather(*tasks, return_exceptions=True)
         self.links.clear()
+        self.exact.clear()
 
     def _client_options(self) -> dict[str, Any]:
         cfg = self.config.mqtt
@@ -460,12 +536,83 @@ class MqttBridge:
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         base = f"{self.prefix}/+/sessions"
-        topics = [f"{base}/create", f"{base}/create/{MSGPACK_SUFFIX}"]
-        topics += [f"{base}/+/in", f"{base}/+/in/{MSGPACK_SUFFIX}"]
-        for topic in topics:
-            codes = await client.subscribe(topic, qos=1)
-            if any(getattr(c, "is_failure", False) for c in codes):
-                raise aiomqtt.MqttError(f"subscription to {topic} refused: {codes}")
+        creates = [f"{base}/create", f"{base}/create/{MSGPACK_SUFFIX}"]
+        ins = [f"{base}/+/in", f"{base}/+/in/{MSGPACK_SUFFIX}"]
+        if not self.cluster:
+            for topic in creates + ins:
+                await _subscribed(client, [topic])
+            return
+        # One node of the group gets each create, and each message for a session that no node
+        # subscribes to exactly; the owners' exact subscriptions are taken again below.
+        share = f"$share/{self.group}/"
+        await _subscribed(client, [share + t for t in creates])
+        await _subscribed(client, [share + t for t in ins], SUB_SHARED)
+        self.release_gone()
+        held = list(self.exact.values())
+        for i in range(0, len(held), EXACT_BATCH):
+            batch = held[i : i + EXACT_BATCH]
+            await _subscribed(client, [t for e in batch for t in e.topics], SUB_EXACT)
+
+    # -- exact subscriptions (cluster) ----------------------------------------------------------
+
+    async def hold(self, key: str, session: Session) -> None:
+        """Subscribe this node to the ``in`` topics of ``session`` (which it now owns) unless it
+        is already, and wait for the broker's SUBACK: from then on every message for the session
+        reaches this node. Nothing outside a cluster (the wildcard subscription sees all)."""
+        if not self.cluster:
+            return
+        entry = self.exact.get(key)
+        if entry is None:
+            base = f"{self.prefix}/{session.tenant}/sessions/{session.session_id}/in"
+            entry = self.exact[key] = _Exact([base, f"{base}/{MSGPACK_SUFFIX}"], session)
+            entry.ready = asyncio.create_task(
+                self._subscribe_exact(key, entry), name=f"mqtt-sub-{session.session_id}"
+            )
+        entry.session = session
+        if entry.ready is not None and not entry.ready.done():
+            await asyncio.shield(entry.ready)
+
+    async def _subscribe_exact(self, key: str, entry: _Exact) -> None:
+        client = self._client  # set before _subscribe runs: one of the two subscribes
+        if client is None:
+            return  # taken when the bridge connects again (_subscribe)
+        try:
+            await _subscribed(client, entry.topics, SUB_EXACT)
+        except aiomqtt.MqttError as exc:
+            # A lost connection resubscribes everything held; a refusal leaves the session to
+            # the shared subscription (which this node then no longer ignores).
+            log.warning("session %s: exact MQTT subscription failed: %s", key, _describe(exc))
+            if isinstance(exc, _Refused) and self.exact.get(key) is entry:
+                del self.exact[key]
+
+    def release_gone(self) -> None:
+        """Unsubscribe from the ``in`` topics of sessions that left this node (unloaded,
+        dropped, deleted): their next owner subscribes, or the shared subscription finds one."""
+        for key, entry in list(self.exact.items()):
+            if not entry.session.closed and self.sessions.sessions.get(key) is entry.session:
+                continue
+            del self.exact[key]
+            client = self._client
+            if client is not None:
+                task = asyncio.create_task(
+                    self._unsubscribe(client, entry), name=f"mqtt-unsub-{key}"
+                )
+                self._unsubscribing.add(task)
+                task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, client: aiomqtt.Client, entry: _Exact) -> None:
+        if entry.ready is not None and not entry.ready.done():
+            with contextlib.suppress(Exception):
+                await entry.ready  # the broker has the SUBSCRIBE first either way; keep it tidy
+        try:
+            await client.unsubscribe(entry.topics)
+        except aiomqtt.MqttError as exc:  # a reconnect drops every subscription anyway
+            log.info("MQTT unsubscribe failed: %s", _describe(exc))
+
+    async def _release_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RELEASE_EVERY_S)
+            self.release_gone()
 
     def _lost(self) -> None:
         was = self.connected
@@ -546,7 +693,12 @@ class MqttBridge:
                 return
             self.spawn(self._create(request, frame))
             return
-        link = self.links.get(f"{route.tenant}/{route.session_id}")
+        key = f"{route.tenant}/{route.session_id}"
+        if self.cluster and key in self.exact:
+            ids = getattr(props, "SubscriptionIdentifier", None) or ()
+            if SUB_EXACT not in ids:  # the shared copy of a message this node gets exactly
+                return
+        link = self.links.get(key)
         if link is not None and link.codec is not codec and not link.attached:
             link.codec = codec
         try:
@@ -605,6 +757,8 @@ class MqttBridge:
     def forget(self, link: MqttSession) -> None:
         if self.links.get(link.key) is link and not link.attached:
             del self.links[link.key]
+        if self.cluster:
+            self.release_gone()  # a deleted session
 
     # -- publishing -----------------------------------------------------------------------------
 
@@ -643,6 +797,20 @@ class MqttBridge:
         while self._loose:
             if not await self.publish(self._loose.popleft()):
                 self.dropped.inc()
+
+
+async def _subscribed(
+    client: aiomqtt.Client, topics: list[str], identifier: int | None = None
+) -> None:
+    """Subscribe to ``topics`` at QoS 1 in one SUBSCRIBE (tagged with the MQTT 5 subscription
+    ``identifier``, which the broker returns on every message it delivers through them)."""
+    props = None
+    if identifier is not None:
+        props = _props(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = identifier
+    codes = await client.subscribe([(t, 1) for t in topics], properties=props)
+    if any(getattr(c, "is_failure", False) for c in codes):
+        raise _Refused(f"subscription to {', '.join(topics)} refused: {codes}")
 
 
 @contextlib.contextmanager
