@@ -36,7 +36,7 @@ from agent_runtime.sessions.ownership import (
 )
 from agent_runtime.sessions.store import SessionStore
 from privacy.tenants import ANONYMOUS_TENANT
-from tests.server.test_web import WAIT_MS, browser, open_page, reply_finished, send
+from tests.server.test_web import WAIT_MS, browser, reply_finished, send
 
 __all__ = ["browser"]  # the fixture, shared with test_web
 
@@ -367,9 +367,11 @@ async def test_web_page_follows_its_session_to_the_owning_node(
         sid = await client.create_session()
         await turn(client, "My locker code is 4417.")
     await asyncio.sleep(TTL)  # every node has announced itself (origins of the cluster's pages)
-    page = await open_page(browser, port_of(cluster.node(1).url))
-    await page.evaluate("(sid) => { localStorage.setItem('agent-runtime.session', sid); }", sid)
-    await page.reload()
+    # The page remembers the session (as after an earlier visit) before its script runs.
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    await page.add_init_script(f"localStorage.setItem('agent-runtime.session', '{sid}');")
+    await page.goto(f"http://127.0.0.1:{port_of(cluster.node(1).url)}/")
     status = page.locator("#status")
     await expect(status).to_contain_text(sid, timeout=WAIT_MS)  # resumed on node 0
     await send(page, "Where do I park?")
