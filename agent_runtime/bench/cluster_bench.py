@@ -137,6 +137,46 @@ def command_delta(
     return {k: v for k, v in sorted(delta.items()) if v > 0}
 
 
+def command_usec(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """Microseconds Redis spent per command between two ``INFO commandstats``. A script's
+    EVALSHA time includes the commands it ran, which are also listed under their own names."""
+    delta = {
+        name: v.get("usec", 0.0) - before.get(name, {}).get("usec", 0.0)
+        for name, v in after.items()
+        if name != "info"
+    }
+    return {k: v for k, v in sorted(delta.items()) if v > 0}
+
+
+def storage_by_part(sessions_root: Path) -> dict[str, int]:
+    """Bytes under every session directory, by part: ``bank`` (snapshots + log), ``state.pt``,
+    everything else (seq, fence, privacy ledger)."""
+    parts = {"bank": 0, "state": 0, "other": 0}
+    if not sessions_root.is_dir():
+        return parts
+    for tenant in sessions_root.iterdir():
+        for session in tenant.iterdir() if tenant.is_dir() else ():
+            for entry in session.iterdir():
+                key = (
+                    "bank"
+                    if entry.name == "bank"
+                    else "state"
+                    if entry.name == "state.pt"
+                    else "other"
+                )
+                parts[key] += tree_bytes(entry) if entry.is_dir() else _size(entry)
+    return parts
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def tree_bytes(root: Path) -> int:
     """Bytes of every regular file under ``root`` (0 if it does not exist)."""
     total = 0
@@ -203,6 +243,7 @@ async def run_load(
         other0 = [_cpu_s(pid) for pid in others]
         io0 = [_write_bytes(pid) for pid in pids]
         bytes0 = tree_bytes(sessions_root)
+        parts0 = storage_by_part(sessions_root)
         redis0 = redis_info(cluster.redis.port)
         t0 = time.monotonic()
 
@@ -216,12 +257,14 @@ async def run_load(
         other1 = [_cpu_s(pid) for pid in others]
         stats = await asyncio.gather(*(memory_stats(c) for c in clients))
         bytes1 = tree_bytes(sessions_root)
+        parts1 = storage_by_part(sessions_root)
         io1 = [_write_bytes(pid) for pid in pids]
         idle: dict[str, Any] | None = None
         if idle_s > 0:
             r0, i0 = redis_info(cluster.redis.port), time.monotonic()
             await asyncio.sleep(idle_s)
-            idle_cmds = command_delta(r0, redis_info(cluster.redis.port))
+            r1 = redis_info(cluster.redis.port)
+            idle_cmds, idle_usec = command_delta(r0, r1), command_usec(r0, r1)
             idle_s = time.monotonic() - i0
             idle = {
                 "seconds": idle_s,
@@ -229,6 +272,14 @@ async def run_load(
                 "commands": idle_cmds,
                 "renewals_per_s_per_session": idle_cmds.get("evalsha", 0) / idle_s / sessions,
                 "commands_per_s_per_session": sum(idle_cmds.values()) / idle_s / sessions,
+                "usec": idle_usec,
+                # EVALSHA's time includes its GET and PEXPIRE; SCRIPT EXISTS is once per round.
+                "redis_usec_per_renewal": (
+                    (idle_usec.get("evalsha", 0.0) + idle_usec.get("script", 0.0))
+                    / idle_cmds["evalsha"]
+                    if idle_cmds.get("evalsha")
+                    else None
+                ),
             }
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
@@ -247,6 +298,8 @@ async def run_load(
     )
     row["cpu_ms_per_token"] = 1000 * cpu_s / row["output_tokens"] if row["output_tokens"] else None
     commands = command_delta(redis0, redis1)
+    usec = command_usec(redis0, redis1)
+    turn_usec = sum(v for k, v in usec.items() if k not in (*RENEWAL_COMMANDS, "get"))
     tokens_in = sum(p for _, p in stats) - sum(start_pos)
     storage = bytes1 - bytes0
     row["costs"] = {
@@ -254,6 +307,8 @@ async def run_load(
         "redis_commands": commands,
         "redis_commands_per_turn": sum(commands.values()) / len(all_turns),
         "renewal_scripts_in_window": commands.get("evalsha", 0),
+        "redis_usec": usec,
+        "redis_usec_per_turn_without_renewals": turn_usec / len(all_turns),
         "redis_commands_per_turn_without_renewals": (
             sum(commands.values()) - renewal_commands(commands)
         )
@@ -261,6 +316,10 @@ async def run_load(
         "tokens_processed": tokens_in,
         "storage_bytes_added": storage,
         "storage_bytes_per_token": storage / tokens_in if tokens_in else None,
+        "storage_bytes_per_token_by_part": {
+            k: (parts1[k] - parts0[k]) / tokens_in if tokens_in else None for k in parts1
+        },
+        "state_file_bytes_per_session": parts1["state"] / sessions,
         "node_write_bytes": sum(b - a for a, b in zip(io0, io1, strict=True)),
         "node_write_bytes_per_token": (
             sum(b - a for a, b in zip(io0, io1, strict=True)) / tokens_in if tokens_in else None
@@ -387,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--rounds", type=int, help="failover rounds (default 10)")
     parser.add_argument("--sessions", type=int, help="concurrent sessions of the load (default 12)")
-    parser.add_argument("--turns", type=int, help="turns per session in the load (default 4)")
-    parser.add_argument("--tokens", type=int, help="max_tokens of every turn (default 32)")
+    parser.add_argument("--turns", type=int, help="turns per session in the load (default 8)")
+    parser.add_argument("--tokens", type=int, help="max_tokens of every turn (default 64)")
     parser.add_argument(
         "--nodes", type=_nodes, help="node counts for the throughput runs (default 1,2,3)"
     )
@@ -411,8 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rounds: int = args.rounds or (2 if args.quick else 10)
     sessions: int = args.sessions or (3 if args.quick else 12)
-    turns: int = args.turns or (2 if args.quick else 4)
-    tokens: int = args.tokens or (16 if args.quick else 32)
+    turns: int = args.turns or (2 if args.quick else 8)
+    tokens: int = args.tokens or (16 if args.quick else 64)
     nodes: list[int] = args.nodes or [1, 2, 3]
     idle_s: float = args.idle_s if args.idle_s is not None else (2.0 if args.quick else 10.0)
     size = max(3, max(nodes))
@@ -514,10 +573,14 @@ def _costs(rows: list[dict[str, Any]], renew_every: float) -> dict[str, Any]:
         "redis_commands_per_turn_by_command": {
             k: v / top["turns"] for k, v in c["redis_commands"].items()
         },
+        "redis_usec_per_turn_without_renewals": c["redis_usec_per_turn_without_renewals"],
+        "redis_usec_per_renewal": idle.get("redis_usec_per_renewal"),
         "renewals_per_s_per_session": idle.get("renewals_per_s_per_session"),
         "renewals_per_s_per_session_expected": 1 / renew_every,
         "redis_commands_per_s_per_idle_session": idle.get("commands_per_s_per_session"),
         "storage_bytes_per_token": c["storage_bytes_per_token"],
+        "storage_bytes_per_token_by_part": c["storage_bytes_per_token_by_part"],
+        "state_file_bytes_per_session": c["state_file_bytes_per_session"],
         "node_write_bytes_per_token": c["node_write_bytes_per_token"],
         "tokens_processed": c["tokens_processed"],
     }
@@ -563,9 +626,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"redis: {c['redis_commands_per_turn']:.2f} commands per turn "
         f"({c['redis_commands_per_turn_without_renewals']:.2f} without lease renewals; {by}); "
         f"{_f(c['renewals_per_s_per_session'], '.3f')} lease renewals/s per session "
-        f"(expected 1/renew interval = {c['renewals_per_s_per_session_expected']:.3f})",
+        f"(expected 1/renew interval = {c['renewals_per_s_per_session_expected']:.3f}); "
+        f"Redis CPU {c['redis_usec_per_turn_without_renewals']:.1f} µs per turn, "
+        f"{_f(c['redis_usec_per_renewal'], '.1f')} µs per renewal",
         f"storage: {_f(c['storage_bytes_per_token'], '.0f')} bytes per token in the session "
-        f"directories ({_f(c['node_write_bytes_per_token'], '.0f')} bytes/token written by the "
+        f"directories (bank {_f(c['storage_bytes_per_token_by_part']['bank'], '.0f')}; "
+        f"state.pt {c['state_file_bytes_per_session']:.0f} bytes per session, rewritten each turn)"
+        f" ({_f(c['node_write_bytes_per_token'], '.0f')} bytes/token written by the "
         f"nodes, /proc/PID/io) over {c['tokens_processed']} tokens",
         f"failover (kill -9 of the owner mid-reply, lease TTL {f['lease_ttl_s']:g} s, "
         f"{f['rounds']} rounds): first token of a new reply on another node after "
