@@ -69,6 +69,7 @@ BENCHES = {
     "faults": "agent_runtime.bench.faults:main",
     "model": "agent_runtime.bench.model:main",
     "mqtt": "agent_runtime.bench.mqtt:main",
+    "cluster": "agent_runtime.bench.cluster_bench:main",
 }
 TOOLS = {
     "chat": ("agent_runtime.client.chat:main", "terminal chat client"),
