@@ -27,7 +27,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from agent_runtime.errors import ConfigError
 from memory.config import MemoryConfig
@@ -39,12 +39,14 @@ __all__ = [
     "GenerationConfig",
     "MqttConfig",
     "PrivacyConfig",
+    "RedisTarget",
     "RuntimeConfig",
     "ServerConfig",
     "StoreConfig",
     "add_arguments",
     "field_docs",
     "load_config",
+    "parse_redis_url",
     "redacted",
 ]
 
@@ -110,7 +112,7 @@ class StoreConfig:
     data_dir: str = "./agent-runtime-data"
     """Directory holding bank snapshots, logs and the embedded Redis database."""
     redis_url: str = field(default="", metadata={"secret": True})
-    """External Redis URL (``redis://[:password@]host:port/db``); empty starts an embedded Redis in the data dir."""
+    """External Redis: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS, ``unix://``), a Sentinel group ``redis+sentinel://[:password@]host:port[,host:port...]/<service>[/db]`` or a Redis Cluster ``redis+cluster://[:password@]host:port[,host:port...]`` (``rediss+...`` for TLS); empty starts an embedded Redis in the data dir."""
     session_ttl_s: float = 7 * 24 * 3600.0
     """Sliding TTL of a session's metadata in Redis, refreshed on every activity."""
     key_prefix: str = "agent-runtime"
@@ -120,13 +122,7 @@ class StoreConfig:
         if not self.data_dir:
             raise ConfigError("store.data_dir", self.data_dir, "must not be empty")
         if self.redis_url:
-            scheme = urlsplit(self.redis_url).scheme
-            if scheme not in ("redis", "rediss", "unix"):
-                raise ConfigError(
-                    "store.redis_url",
-                    redact_url(self.redis_url),
-                    "scheme must be redis://, rediss:// or unix://",
-                )
+            parse_redis_url(self.redis_url)
         ConfigError.check_positive("store.session_ttl_s", self.session_ttl_s)
         if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
             raise ConfigError(
@@ -610,13 +606,92 @@ def load_config(
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with any password (in its user part or a ``*password=`` query) replaced by ``***``."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+    if parts.query:
+        query = [
+            (k, "***" if k.endswith("password") else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username}:" if parts.username else ":"
+        parts = parts._replace(netloc=f"{user}***@{netloc}")
+    return urlunsplit(parts)
+
+
+REDIS_SCHEMES = (
+    "redis", "rediss", "unix",
+    "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed ``store.redis_url``: how to reach the Redis deployment behind it."""
+
+    kind: str
+    """``single`` (one server: redis://, rediss://, unix://), ``sentinel`` or ``cluster``."""
+    url: str
+    """The URL itself (a single server's is handed to redis-py's ``from_url`` as it is)."""
+    hosts: tuple[tuple[str, int], ...] = ()
+    """Sentinels (``sentinel``) or cluster seed nodes (``cluster``)."""
+    service: str = ""
+    """The Sentinel service (master group) name."""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    """For the data nodes; Sentinels take ``sentinel_password``/``sentinel_username``."""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    tls: bool = False
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse and check ``store.redis_url``; :class:`ConfigError` names what is wrong."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError("store.redis_url", redact_url(url), why)
+
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme not in REDIS_SCHEMES:
+        raise bad("scheme must be one of " + ", ".join(f"{s}://" for s in REDIS_SCHEMES))
+    if "+" not in scheme:
+        return RedisTarget("single", url)
+    kind = scheme.split("+", 1)[1]
+    where = parts.netloc.rsplit("@", 1)[-1]
+    hosts = []
+    for item in where.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise bad(f"{item.strip() or 'an empty entry'!r} is not host:port")
+        hosts.append((host, int(port)))
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    known = {"sentinel_password", "sentinel_username"} if kind == "sentinel" else set()
+    if unknown := sorted(set(query) - known):
+        raise bad(f"unknown query parameter {unknown[0]!r}")
+    path = [p for p in parts.path.split("/") if p]
+    service, db = "", 0
+    if kind == "sentinel":
+        if not path or len(path) > 2:
+            raise bad("a Sentinel URL names its service: redis+sentinel://host:port/<service>[/db]")
+        service = path[0]
+        if len(path) == 2:
+            if not path[1].isdigit():
+                raise bad(f"database {path[1]!r} is not a number")
+            db = int(path[1])
+    elif path:
+        raise bad("a Redis Cluster has only database 0: no path after the hosts")
+    return RedisTarget(
+        kind, url, tuple(hosts), service, db,
+        username=parts.username or None, password=parts.password,
+        sentinel_username=query.get("sentinel_username") or None,
+        sentinel_password=query.get("sentinel_password") or None,
+        tls=scheme.startswith("rediss"),
+    )  # fmt: skip
 
 
 def redacted(config: RuntimeConfig) -> dict[str, dict[str, object]]:

@@ -313,8 +313,13 @@ class SessionManager:
                     meta = self._rebuilt_meta(tenant, session_id, opened)
                     await self.store.create(meta)
                     log.info("session %s: metadata rebuilt from its directory", session_id)
-                elif lease is not None:
-                    meta.owner = self.node_id
+                else:
+                    if opened.header is not None:  # the durable state file over the index,
+                        # which misses turns acknowledged while Redis was unreachable
+                        meta.turns, meta.tokens = opened.header.turns, opened.header.tokens
+                        meta.bank_entries = len(opened.bank)
+                    if lease is not None:
+                        meta.owner = self.node_id
             except BaseException:
                 await self.engine.call(lambda: opened.bank.close(sync=False))
                 await self._release(lease)

@@ -1,6 +1,7 @@
 """Session ownership across nodes: Redis leases with fencing tokens, checked where writes land.
 
-With ``--cluster-enabled``, every node shares one Redis and one data root. A session is served
+With ``--cluster-enabled``, every node shares one Redis deployment (one server, a Sentinel
+group or a Redis Cluster: ``store.redis_url``) and one data root. A session is served
 by exactly one node, its **owner**, which holds the session's lease::
 
     P:lease:{<session_id>}   "<node_id> <token> <advertise_url>"  SET NX PX <lease_ttl>
@@ -166,15 +167,14 @@ class Leases:
             return []
         sent = time.monotonic()
         ttl_ms = int(self.ttl_s * 1000)
-        script = self._script("renew", _RENEW)
         try:
+            # EVAL, not EVALSHA: a pipeline of EVALSHA asks SCRIPT EXISTS first (a second round
+            # trip), and on a Cluster every node would need the script loaded. Redis caches the
+            # compiled script by its digest either way.
             async with self.store.redis.pipeline(transaction=False) as pipe:
                 for lease in leases:
-                    await script(
-                        keys=self._keys(lease.session_id),
-                        args=[lease.value, ttl_ms, lease.token],
-                        client=pipe,
-                    )
+                    pipe.eval(_RENEW, 2, *self._keys(lease.session_id),
+                              lease.value, ttl_ms, lease.token)  # fmt: skip
                 results = [int(r) for r in await pipe.execute()]
         except RedisError as exc:
             raise StoreError(f"cannot renew session leases: {exc}") from exc

@@ -27,9 +27,11 @@ from types import TracebackType
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
-from agent_runtime.config import StoreConfig, redact_url
+from agent_runtime.config import RedisTarget, StoreConfig, parse_redis_url, redact_url
 from agent_runtime.errors import StoreError
 
 __all__ = ["SessionMeta", "SessionStore"]
@@ -38,6 +40,47 @@ log = logging.getLogger(__name__)
 
 REDIS_TIMEOUT_S = 5.0
 """A Redis call that takes longer fails with StoreError instead of stalling a turn."""
+
+Client = aioredis.Redis | aioredis.RedisCluster
+"""What the store talks through: one server (directly or found by Sentinel), or a Cluster."""
+
+
+def connect(target: RedisTarget) -> tuple[Client, list[aioredis.Redis]]:
+    """A redis-py client for ``target`` and the Sentinel clients behind it (to close with it):
+    ``from_url`` for one server; a
+    :class:`~redis.asyncio.sentinel.Sentinel` master client, which asks the Sentinels where the
+    master is on every (re)connect, so it follows a failover; a
+    :class:`~redis.asyncio.RedisCluster`, which follows slot moves and replica promotions."""
+    timeouts: dict[str, Any] = {
+        "socket_timeout": REDIS_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_TIMEOUT_S,
+    }
+    if target.kind == "single":
+        return aioredis.from_url(target.url, decode_responses=True, **timeouts), []
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    if target.kind == "sentinel":
+        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.hosts),
+            sentinel_kwargs={
+                **timeouts,
+                "username": target.sentinel_username,
+                "password": target.sentinel_password,
+                "ssl": target.tls,
+            },
+            **timeouts,
+        )
+        client: Client = sentinels.master_for(
+            target.service, decode_responses=True, db=target.db, ssl=target.tls, **auth, **timeouts
+        )
+        return client, list(sentinels.sentinels)
+    cluster = aioredis.RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+        decode_responses=True,
+        ssl=target.tls,
+        **auth,
+        **timeouts,
+    )
+    return cluster, []
 
 
 @dataclass
@@ -84,8 +127,10 @@ class SessionStore:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._embedded: EmbeddedRedis | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: Client | None = None
+        self._sentinels: list[aioredis.Redis] = []
         self.url = ""
+        self.target = RedisTarget("single", "")
 
     async def __aenter__(self) -> SessionStore:
         await self.open()
@@ -105,12 +150,8 @@ class SessionStore:
             return
         if self.config.redis_url:
             self.url = redact_url(self.config.redis_url)
-            self._redis = aioredis.from_url(
-                self.config.redis_url,
-                decode_responses=True,
-                socket_timeout=REDIS_TIMEOUT_S,
-                socket_connect_timeout=REDIS_TIMEOUT_S,
-            )
+            self.target = parse_redis_url(self.config.redis_url)
+            self._redis, self._sentinels = connect(self.target)
         else:
             self._embedded = EmbeddedRedis(Path(self.config.data_dir))
             # Spawned from this (the loop's) thread: PR_SET_PDEATHSIG follows the thread that
@@ -138,12 +179,20 @@ class SessionStore:
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.aclose()
+        sentinels, self._sentinels = self._sentinels, []
+        for sentinel in sentinels:
+            await sentinel.aclose()
         embedded, self._embedded = self._embedded, None
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
 
     @property
-    def redis(self) -> aioredis.Redis:
+    def clustered(self) -> bool:
+        """A Redis Cluster: commands on keys of different slots cannot share a transaction."""
+        return self.target.kind == "cluster"
+
+    @property
+    def redis(self) -> Client:
         if self._redis is None:
             raise StoreError("session store is not open")
         return self._redis
@@ -163,7 +212,7 @@ class SessionStore:
     async def create(self, meta: SessionMeta) -> None:
         ttl = int(self.config.session_ttl_s)
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=not self.clustered) as pipe:
                 pipe.hset(self.session_key(meta.session_id), mapping=cast(Any, meta.to_redis()))
                 pipe.expire(self.session_key(meta.session_id), ttl)
                 pipe.sadd(self._key("tenant", meta.tenant, "sessions"), meta.session_id)
@@ -185,7 +234,7 @@ class SessionStore:
         values["session_id"] = session_id  # a hash Redis lost is written again whole
         key = self.session_key(session_id)
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=not self.clustered) as pipe:
                 pipe.hset(key, mapping=cast(Any, {k: str(v) for k, v in values.items()}))
                 pipe.expire(key, int(self.config.session_ttl_s))
                 if "tenant" in values:  # and its tenant's index, should Redis have lost it
@@ -198,7 +247,7 @@ class SessionStore:
 
     async def delete(self, session_id: str, tenant: str) -> None:
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=not self.clustered) as pipe:
                 pipe.delete(self.session_key(session_id))
                 pipe.srem(self._key("tenant", tenant, "sessions"), session_id)
                 await pipe.execute()

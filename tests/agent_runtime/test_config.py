@@ -82,6 +82,34 @@ def test_secrets_are_redacted_in_the_effective_config() -> None:
     assert "hunter2" not in str(shown)
     assert shown["store"]["redis_url"] == "redis://user:***@db.example:6380/1"
     assert cfg.store.redis_url.endswith("hunter2@db.example:6380/1")
+    url = "redis+sentinel://:hunter2@s1:26379,s2:26379/agents/2?sentinel_password=swordfish"
+    shown = redacted(load_config(parse("--redis-url", url), env={}))
+    assert "hunter2" not in str(shown) and "swordfish" not in str(shown)
+    assert shown["store"]["redis_url"] == (
+        "redis+sentinel://:***@s1:26379,s2:26379/agents/2?sentinel_password=***"
+    )
+
+
+def test_redis_urls_name_the_deployment() -> None:
+    from agent_runtime.config import parse_redis_url
+
+    single = parse_redis_url("rediss://u:p@db:6380/1")
+    assert single.kind == "single" and single.url == "rediss://u:p@db:6380/1"
+    sentinel = parse_redis_url(
+        "rediss+sentinel://u:p@s1:26379,[::1]:26380/agents/3?sentinel_password=sp"
+    )
+    assert sentinel.kind == "sentinel" and sentinel.tls
+    assert sentinel.hosts == (("s1", 26379), ("::1", 26380))
+    assert (sentinel.service, sentinel.db, sentinel.username, sentinel.password) == (
+        "agents",
+        3,
+        "u",
+        "p",
+    )
+    assert sentinel.sentinel_password == "sp"
+    cluster = parse_redis_url("redis+cluster://10.0.0.1:7000,10.0.0.2:7001")
+    assert cluster.kind == "cluster" and not cluster.tls and cluster.password is None
+    assert cluster.hosts == (("10.0.0.1", 7000), ("10.0.0.2", 7001))
 
 
 def test_every_setting_is_documented_in_the_reference_table() -> None:
