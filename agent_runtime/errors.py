@@ -220,11 +220,20 @@ class SessionElsewhereError(RequestError):
     code = "session_elsewhere"
 
     def __init__(
-        self, message: str, *, location: str, owner: str, event_id: str | None = None
+        self,
+        message: str,
+        *,
+        location: str,
+        owner: str,
+        retry_after_ms: int | None = None,
+        event_id: str | None = None,
     ) -> None:
         super().__init__(message, event_id=event_id)
         self.location = location
         self.owner = owner
+        self.retry_after_ms = retry_after_ms
+        """How long the owner's lease still runs: should ``location`` not answer (the owner
+        died), a node can take the session over after this."""
 
 
 # -- raised by the client library (agent_runtime.client.agent) ----------------------------------------

@@ -550,6 +550,8 @@ def error_event(exc: Exception, *, event_id: str | None = None) -> dict[str, Any
             err["retry_after_ms"] = exc.retry_after_ms
         if isinstance(exc, SessionElsewhereError):
             err["location"] = exc.location  # the owner's base URL (the client goes there)
+            if exc.retry_after_ms is not None:  # when the owner's lease runs out unrenewed
+                err["retry_after_ms"] = exc.retry_after_ms
     else:
         err = {
             "type": "server_error",

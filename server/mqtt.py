@@ -16,7 +16,7 @@ cluster (``cluster.enabled``) only a session's owner should see its events, so:
 
 * ``create`` is a shared subscription (``$share/{group}/P/+/sessions/create``): the broker hands
   each request to one node of the group;
-* the owner subscribes to the exact ``in`` topics of each session it serves over MQTT (MQTT 5
+* the owner subscribes to the exact ``in`` topics of each session it serves, on any transport (MQTT 5
   subscription identifier :data:`SUB_EXACT`) from when it took the session until the session
   leaves the node (unloaded, dropped when its lease is lost, deleted);
 * ``$share/{group}/P/+/sessions/+/in`` (identifier :data:`SUB_SHARED`) reaches sessions no node
@@ -398,6 +398,8 @@ class MqttBridge:
         self.presence_topic = f"{self.prefix}/nodes/{node_id}/presence"
         self.cluster = config.cluster.enabled
         self.group = share_group(config.store.key_prefix)
+        if self.cluster:  # every session this node serves, on any transport, gets its topics
+            sessions.on_loaded.append(lambda s: self.spawn(self.hold(s.key, s)))
         self.exact: dict[str, _Exact] = {}  # by "tenant/session_id"
         self._unsubscribing: set[asyncio.Task[None]] = set()
         self._releaser: asyncio.Task[None] | None = None

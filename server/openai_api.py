@@ -410,6 +410,11 @@ class OpenAIRoutes:
                 " expires (a few seconds)",
                 type="server_error",
                 code="owner_unreachable",
+                retry_after_s=(  # when the dead owner's lease runs out (openai SDKs honour it)
+                    math.ceil(elsewhere.retry_after_ms / 1000)
+                    if elsewhere.retry_after_ms is not None
+                    else None
+                ),
             ) from None
 
     async def _tenant(self, request: HttpRequest) -> str:

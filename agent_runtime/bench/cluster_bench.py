@@ -112,15 +112,15 @@ def redis_info(port: int, section: str = "commandstats") -> dict[str, dict[str, 
     return stats
 
 
-# The lease renewal round's commands: per node one SCRIPT EXISTS (redis-py checks a pipeline's
-# scripts before sending it), per session one EVALSHA running a GET and a PEXPIRE.
-RENEWAL_COMMANDS = ("evalsha", "script", "pexpire")
+# The lease renewal round's commands: per session one EVAL (pipelined, one round trip per
+# node) running a GET and a PEXPIRE. Acquisitions and releases are EVALSHAs.
+RENEWAL_COMMANDS = ("eval", "pexpire")
 
 
 def renewal_commands(commands: dict[str, int]) -> int:
-    """Commands of the lease renewals among ``commands`` (a window with no acquisition or
-    release: every EVALSHA is a renewal; as many GETs as EVALSHAs ran inside it)."""
-    scripts = commands.get("evalsha", 0)
+    """Commands of the lease renewals among ``commands`` (every EVAL is a renewal; as many
+    GETs as EVALs ran inside them)."""
+    scripts = commands.get("eval", 0)
     return sum(commands.get(k, 0) for k in RENEWAL_COMMANDS) + min(commands.get("get", 0), scripts)
 
 
@@ -270,14 +270,13 @@ async def run_load(
                 "seconds": idle_s,
                 "sessions": sessions,
                 "commands": idle_cmds,
-                "renewals_per_s_per_session": idle_cmds.get("evalsha", 0) / idle_s / sessions,
+                "renewals_per_s_per_session": idle_cmds.get("eval", 0) / idle_s / sessions,
                 "commands_per_s_per_session": sum(idle_cmds.values()) / idle_s / sessions,
                 "usec": idle_usec,
-                # EVALSHA's time includes its GET and PEXPIRE; SCRIPT EXISTS is once per round.
+                # EVAL's time includes its GET and PEXPIRE.
                 "redis_usec_per_renewal": (
-                    (idle_usec.get("evalsha", 0.0) + idle_usec.get("script", 0.0))
-                    / idle_cmds["evalsha"]
-                    if idle_cmds.get("evalsha")
+                    idle_usec.get("eval", 0.0) / idle_cmds["eval"]
+                    if idle_cmds.get("eval")
                     else None
                 ),
             }
@@ -306,7 +305,7 @@ async def run_load(
         "window_s": window_s,
         "redis_commands": commands,
         "redis_commands_per_turn": sum(commands.values()) / len(all_turns),
-        "renewal_scripts_in_window": commands.get("evalsha", 0),
+        "renewal_scripts_in_window": commands.get("eval", 0),
         "redis_usec": usec,
         "redis_usec_per_turn_without_renewals": turn_usec / len(all_turns),
         "redis_commands_per_turn_without_renewals": (

@@ -501,6 +501,7 @@ class AgentClient:
                 if exc.code != "session_elsewhere" or not exc.location:
                     raise
                 location = websocket_url(exc.location)
+                lease_left = exc.retry_after_ms
             hops += 1
             if hops > MAX_REDIRECTS * 4:
                 raise ClientError(f"session {session_id}: too many redirects (last: {location})")
@@ -514,9 +515,13 @@ class AgentClient:
             except DisconnectedError:
                 if loop.time() + pause > deadline:
                     raise
-            # The owner is gone but its lease holds: wait, then ask a node we know again.
-            await asyncio.sleep(pause)
-            pause = min(2.0, pause * 2)
+            # The owner is gone but its lease holds: wait until it runs out (the node told us
+            # how long it had left) or, not told, a growing pause; then ask a node we know.
+            if lease_left is not None:
+                await asyncio.sleep(min(lease_left / 1000 + 0.05, max(0.0, deadline - loop.time())))
+            else:
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
             self.url = here if here in self.urls else self.urls[0]
             await self.connect()
 

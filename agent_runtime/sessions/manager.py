@@ -90,6 +90,9 @@ class SessionManager:
         self.keystore = keystore
         self.audit = audit
         self.sessions: dict[str, Session] = {}  # key: tenant/session_id
+        self.on_loaded: list[Callable[[Session], None]] = []
+        """Called with every session this node now serves (created or loaded), whatever the
+        transport (the MQTT bridge of a cluster node subscribes to its topics)."""
         self._reserved: Counter[str] = Counter()  # slots taken by creates/loads in progress
         self._loading: dict[str, asyncio.Future[Session]] = {}  # key -> a load in progress
         self._unloading: dict[str, asyncio.Future[None]] = {}  # key -> an unload in progress
@@ -214,6 +217,8 @@ class SessionManager:
         if opened.privacy.enabled:
             opened.state.protect = session.protect_keys
         self.sessions[session.key] = session
+        for hook in self.on_loaded:
+            hook(session)
         return session
 
     async def create(self, tenant: str, session_id: str, instructions: str = "") -> Session:
@@ -360,6 +365,7 @@ class SessionManager:
                 f"the session is served by node {got.node}; connect there",
                 location=got.url,
                 owner=got.node,
+                retry_after_ms=got.expires_in_ms if got.expires_in_ms >= 0 else None,
             )
         log.info("session %s: lease taken (fencing token %d)", session_id, got.token)
         return got

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,12 @@ __all__ = ["Lease", "Leases", "Owner", "check_fence", "claim_fence", "read_fence
 log = logging.getLogger(__name__)
 
 # KEYS: lease, fence. ARGV: node id, advertise url, ttl ms, floor (the token the storage holds).
-# Returns {token, value} when this node now holds the lease, {0, value} when another does.
+# Returns {token, value} when this node now holds the lease, {0, value, pttl} when another does.
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local node = string.match(cur, '^(%S+) ')
-  if node ~= ARGV[1] then return {0, cur} end
+  if node ~= ARGV[1] then return {0, cur, redis.call('PTTL', KEYS[1])} end
 end
 local t = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[4])
@@ -96,12 +96,14 @@ class Owner:
     node: str
     token: int
     url: str
+    expires_in_ms: int = field(default=-1, compare=False)
+    """How long the lease still runs unless its owner renews it (-1: not known)."""
 
     @classmethod
-    def parse(cls, value: str) -> Owner:
+    def parse(cls, value: str, expires_in_ms: int = -1) -> Owner:
         node, token, url = [*value.split(" ", 2), "", ""][:3]
         try:
-            return cls(node, int(token), url)
+            return cls(node, int(token), url, expires_in_ms)
         except ValueError:
             raise StoreError(f"malformed lease value in Redis: {value[:80]!r}") from None
 
@@ -149,14 +151,14 @@ class Leases:
         sent = time.monotonic()
         ttl_ms = int(self.ttl_s * 1000)
         try:
-            token, value = await self._script("acquire", _ACQUIRE)(
+            token, value, *pttl = await self._script("acquire", _ACQUIRE)(
                 keys=self._keys(session_id), args=[self.node_id, self.url, ttl_ms, floor]
             )
         except RedisError as exc:
             raise StoreError(f"cannot take a session lease: {exc}") from exc
         value = value.decode() if isinstance(value, bytes) else str(value)
         if int(token) == 0:
-            return Owner.parse(value)
+            return Owner.parse(value, int(pttl[0]) if pttl else -1)
         return Lease(session_id, int(token), value, sent + self.ttl_s)
 
     async def renew(self, leases: list[Lease]) -> list[int]:

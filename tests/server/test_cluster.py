@@ -235,6 +235,16 @@ def test_kill_9_of_the_owner_mid_reply_loses_no_acknowledged_turn(cluster: Clust
         cluster.kill(0)
         killed_at = time.monotonic()
         await owner.aclose()
+        # a surviving node names the dead owner and how long its lease still runs
+        from websockets.asyncio.client import connect
+
+        from agent_runtime import protocol as p
+
+        async with connect(cluster.node(1).url) as ws:
+            await ws.send(json.dumps(p.session_resume(sid, 0)))
+            err = json.loads(await ws.recv())["error"]
+        assert err["code"] == "session_elsewhere", err
+        assert 0 < err["retry_after_ms"] <= TTL * 1000
         client, info = await resumed(cluster.urls, sid, seen_seq)
         assert client.url != owner.url
         assert time.monotonic() - killed_at < TTL + 10

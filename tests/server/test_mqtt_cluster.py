@@ -254,3 +254,36 @@ def test_the_share_group_is_a_legal_mqtt_group_name() -> None:
     assert share_group("agent-runtime") == "agent-runtime-agent-runtime"
     assert not set(share_group("a/b+c#d e:f")) & set("/+# ")
     assert json.dumps(share_group("x"))  # a plain string
+
+
+async def test_a_session_served_over_the_websocket_is_reached_over_mqtt(
+    cluster: Cluster, broker: Broker, tenants: dict[str, str]
+) -> None:
+    from agent_runtime.client.agent import AgentClient
+
+    async with device(broker, "acme", tenants["acme"]) as d:
+        d.timeout = TIMEOUT * 3
+        await nodes_online(d, cluster.size)
+        async with AgentClient(cluster.node(0).url, api_key=tenants["acme"]) as ws:
+            sid = await ws.create_session()
+            response = ws.respond(LONG, max_tokens=8, temperature=0)
+            async for _ in response:
+                pass
+            assert response.status in ("completed", "incomplete"), response.done
+        # Never served over MQTT, yet its owner subscribed to its in topics when it created it,
+        # so an MQTT event reaches it wherever the shared subscription would have sent it.
+        topic = f"{P}/acme/sessions/{sid}/in"
+        async with asyncio.timeout(TIMEOUT):
+            while not subscribers(broker, topic):  # noqa: ASYNC110 - polling the broker's log
+                await asyncio.sleep(0.1)
+        assert subscribers(broker, topic) == ["agent-runtime-node0"]
+        d.session_id, d.last_seq = sid, 0
+        for _ in range(4):  # each would land on either node through the shared subscription
+            resumed = await d.resume()
+            assert resumed["session"]["turns"] == 1, resumed
+            d.last_seq = resumed["seq"]
+        _t, done, events = await d.turn("And what is my cat called?", max_tokens=6)
+        assert done["response"]["status"] in ("completed", "incomplete"), done
+        assert not [e for e in events if e["type"] == "error"], events
+        assert owner(cluster, sid) == "node0"
+    assert "Traceback" not in cluster.log_text()
