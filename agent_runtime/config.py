@@ -338,6 +338,8 @@ class ClusterConfig:
     """This node's name in leases and logs (letters, digits, ``.``, ``_``, ``-``); empty: a random one per start."""
     advertise_url: str = ""
     """Base URL at which clients and other nodes reach this node (``http://10.0.0.5:8765``); empty: ``http://HOST:PORT``. Redirects name it; HTTP requests are proxied to it."""
+    internal_url: str = ""
+    """Base URL at which the other nodes reach this node to forward HTTP requests (a private address when clients come through a load balancer); empty: ``advertise_url``."""
     lease_ttl_s: float = 10.0
     """How long a session's lease lives without renewal; a dead node's sessions move after it."""
     renew_interval_s: float = 0.0
@@ -364,26 +366,21 @@ class ClusterConfig:
             )
         if len(self.node_id) > 64:
             raise ConfigError("cluster.node_id", self.node_id, "must be at most 64 characters")
-        if self.advertise_url:
-            parts = urlsplit(self.advertise_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(
-                    "cluster.advertise_url",
-                    self.advertise_url,
-                    "must be http[s]://host[:port] (the node's base URL)",
-                )
-            try:
-                parts.port  # noqa: B018 - raises on a bad port
-            except ValueError:
-                raise ConfigError(
-                    "cluster.advertise_url", self.advertise_url, "port must be in 0..65535"
-                ) from None
-            if parts.path not in ("", "/") or parts.query or parts.fragment:
-                raise ConfigError(
-                    "cluster.advertise_url",
-                    self.advertise_url,
-                    "must be just http[s]://host[:port]",
-                )
+        for name in ("advertise_url", "internal_url"):
+            if value := getattr(self, name):
+                _check_base_url(f"cluster.{name}", value)
+
+
+def _check_base_url(name: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, url, "must be http[s]://host[:port] (the node's base URL)")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(name, url, "port must be in 0..65535") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(name, url, "must be just http[s]://host[:port]")
 
 
 @dataclass

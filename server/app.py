@@ -202,6 +202,7 @@ class Server:
         self.auth.port = self.port
         if self.sessions.leases is not None:
             self.sessions.leases.url = self.advertise_url
+            self.sessions.leases.internal_url = self.config.cluster.internal_url.rstrip("/")
             self.auth.peers = lambda: self.sessions.peers
             self._lease_keeper = asyncio.create_task(
                 self.sessions.keep_leases(), name="lease-keeper"

@@ -400,8 +400,10 @@ class OpenAIRoutes:
                 type="server_error",
                 code="session_elsewhere",
             )
+        leases = self.sessions.leases
+        target = leases.forward_url(elsewhere.owner, elsewhere.location) if leases else None
         try:
-            return await forward(request, elsewhere.location)
+            return await forward(request, target or elsewhere.location)
         except (OSError, TimeoutError) as exc:
             log.warning("cannot forward to node %s: %s", elsewhere.owner, exc)
             raise ApiError(

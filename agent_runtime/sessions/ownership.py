@@ -131,7 +131,11 @@ class Leases:
         self.store = store
         self.node_id = node_id
         self.url = url
+        self.internal_url = ""
+        """Where other nodes forward requests to this node (empty: :attr:`url`)."""
         self.ttl_s = ttl_s
+        self.internal: dict[str, str] = {}
+        """Node id -> the base URL other nodes forward to, as the last :meth:`announce` saw."""
         self._scripts: dict[str, Any] = {}
 
     def _script(self, name: str, text: str) -> Any:
@@ -206,26 +210,34 @@ class Leases:
         return None if value is None else Owner.parse(str(value))
 
     async def announce(self) -> set[str]:
-        """Record this node as alive (``P:nodes``: node id -> "<unix time> <url>") and return
-        the base URLs of every node seen alive within three lease TTLs (itself included)."""
+        """Record this node as alive (``P:nodes``: node id -> "<unix time> <url> [<internal
+        url>]") and return the base URLs of every node seen alive within three lease TTLs
+        (itself included); :attr:`internal` learns where each of them takes forwarded requests."""
         key = f"{self.store.config.key_prefix}:nodes"
         now = time.time()
+        mine = f"{now:.3f} {self.url}" + (f" {self.internal_url}" if self.internal_url else "")
         try:
             async with self.store.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(key, self.node_id, f"{now:.3f} {self.url}")
+                pipe.hset(key, self.node_id, mine)
                 pipe.hgetall(key)
                 _, members = await pipe.execute()
         except RedisError as exc:
             raise StoreError(f"cannot announce this node: {exc}") from exc
-        alive = set()
-        for value in members.values():
-            seen, _, url = str(value).partition(" ")
+        alive, internal = set(), {}
+        for node, value in members.items():
+            seen, url, inner = [*str(value).split(" ", 2), "", ""][:3]
             try:
                 if now - float(seen) < 3 * self.ttl_s and url:
                     alive.add(url)
+                    internal[str(node)] = inner or url
             except ValueError:
                 continue
+        self.internal = internal
         return alive
+
+    def forward_url(self, owner: str, location: str) -> str:
+        """Where to forward a request for a session ``owner`` holds, advertised at ``location``."""
+        return self.internal.get(owner, location)
 
     async def forget(self, session_id: str) -> None:
         """Delete the session's lease and fencing counter (the session was erased)."""

@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, expect
@@ -391,3 +392,69 @@ async def test_web_page_follows_its_session_to_the_owning_node(
     again, info = await resumed([cluster.node(0).url], sid)
     assert info.turns == 2 and again.url == cluster.node(0).url
     await again.aclose()
+
+
+def test_http_forwarding_uses_the_internal_url_and_a_dead_owner_says_when_to_retry(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    from agent_runtime.bench.cluster import free_port
+    from agent_runtime.bench.launch import start_server
+
+    port0 = free_port()
+    common = ("--cluster-enabled", "true", "--redis-url", redis_server.url,
+              "--cluster-lease-ttl-s", str(TTL))  # fmt: skip
+    # node 0 is advertised at a public address that does not answer from here (a load
+    # balancer's, say); the nodes reach each other at its internal one
+    node0 = start_server(
+        tmp_path / "data", *common, "--cluster-node-id", "node0", "--port", str(port0),
+        "--cluster-advertise-url", f"http://127.0.0.1:{free_port()}",
+        "--cluster-internal-url", f"http://127.0.0.1:{port0}",
+        log_path=tmp_path / "node0.log",
+    )  # fmt: skip
+    node1 = start_server(
+        tmp_path / "data", *common, "--cluster-node-id", "node1", log_path=tmp_path / "node1.log"
+    )
+
+    history: list[dict[str, str]] = []
+
+    def chat(node_http: str, sid: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """One turn of the conversation (the whole history, then a new message)."""
+        messages = [*history, {"role": "user", "content": f"Message {len(history) // 2}."}]
+        body = {"model": "agent-runtime-bundled", "messages": messages, "max_tokens": 4}
+        request = urllib.request.Request(
+            f"{node_http}/v1/chat/completions", data=json.dumps(body).encode(),
+            headers={"X-Session-Id": sid, "Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                answer = json.loads(reply.read())
+                history[:] = [*messages, answer["choices"][0]["message"]]
+                return reply.status, {k.lower(): v for k, v in reply.headers.items()}, answer
+        except urllib.error.HTTPError as exc:
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, json.loads(exc.read())
+
+    try:
+        status, headers, _ = chat(node0.http, "new")
+        assert status == 200
+        sid = headers["x-session-id"]
+        time.sleep(TTL)  # node 1 has read node 0's internal URL from the node list
+        status, headers, reply = chat(node1.http, sid)
+        assert status == 200, reply  # forwarded to node 0's internal URL
+        assert headers["x-session-id"] == sid
+        node0.proc.kill()
+        node0.proc.wait()
+        status, headers, reply = chat(node1.http, sid)
+        assert status == 503, reply
+        assert reply["error"]["code"] == "owner_unreachable"
+        retry = int(headers["retry-after"])  # what is left of node 0's lease
+        assert 1 <= retry <= TTL
+        time.sleep(retry)
+        status, headers, reply = chat(node1.http, sid)
+        assert status == 200, reply  # node 1 took the session over
+        assert "Traceback" not in (tmp_path / "node1.log").read_text()
+    finally:
+        node0.close()
+        node1.close()
