@@ -77,8 +77,6 @@ class MemoryBank:
         self.value_dim = value_dim
         self.parts = parts
         self.config = (config or MemoryConfig()).validate()
-        if parts > 1 and self.config.index == "ivf":
-            raise MemoryBankError("a bank with parts has exact (flat) key indexes only")
         self.meta: dict[str, object] = {}
         self.recovered_uncommitted = 0  # log records after the last commit, dropped by open()
         self._clock = clock
@@ -620,25 +618,42 @@ class MemoryBank:
                 self.meta = op.meta
 
     def _wants_ivf(self) -> bool:
+        c = self.config
+        threshold = c.ann_threshold if self.parts == 1 else c.part_ann_threshold
         return (
-            self.parts == 1
-            and self.config.index in ("auto", "ivf")
+            c.index in ("auto", "ivf")
             and self._index.kind == "flat"
-            and self._store.live >= self.config.ann_threshold
+            and self._store.live >= threshold
         )
 
     def _switch_to_ivf(self) -> None:
-        """Move every row into a new IVF index trained on a sample of the live stored keys."""
+        """Move every row into a new IVF index (one per part) trained on a sample of the live
+        stored keys."""
         c = self.config
         st = self._store
         all_keys = self._index.reconstruct(np.arange(st.hwm, dtype=np.int64))
         live = st.live_slots()
-        nlist = c.nlist()
-        step = max(1, live.shape[0] // (64 * nlist))
-        sample = np.ascontiguousarray(all_keys[live[::step]])
-        ivf = IVFKeys.train(self.key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
-        ivf.append(all_keys)
-        self._index = ivf
+        if self.parts == 1:
+            nlist = c.nlist()
+            step = max(1, live.shape[0] // (64 * nlist))
+            sample = np.ascontiguousarray(all_keys[live[::step]])
+            ivf = IVFKeys.train(self.key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
+            ivf.append(all_keys)
+            self._index = ivf
+            return
+        nlist = c.part_nlist()
+        step = max(1, live.shape[0] // (40 * nlist))
+        d = self.key_dim // self.parts
+        indexes: list[KeyIndex] = []
+        for p in range(self.parts):
+            part = np.ascontiguousarray(all_keys[:, p * d : (p + 1) * d])
+            ivf = IVFKeys.train(
+                d, c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
+                c.ivf_nprobe, c.threads, iterations=10,
+            )  # fmt: skip
+            ivf.append(part)
+            indexes.append(ivf)
+        self._index = PartitionedKeys(self.key_dim, c.ivf_storage, self.parts, indexes)
 
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
         live = self._store.live_slots()

@@ -42,6 +42,8 @@ class MemoryConfig:
     """Key index: ``flat`` (exact), ``ivf`` (approximate once past ``ann_threshold``) or ``auto`` (= ivf)."""
     ann_threshold: int = 262_144
     """Live entries at which a bank switches from exact flat search to IVF (never switches back)."""
+    part_ann_threshold: int = 16_384
+    """The same for a bank with parts (a pretrained decoder's: one part per memory layer and KV head, each searched on every token): live entries at which every part moves to its own IVF index."""
     flat_storage: str = "fp32"
     """Key encoding while the bank is exact: ``fp32`` or ``fp16`` (half the bytes scanned per search)."""
     ivf_storage: str = "int8"
@@ -82,6 +84,10 @@ class MemoryConfig:
                 )
         if self.ann_threshold < 1024:
             raise ConfigError("memory.ann_threshold", self.ann_threshold, "must be >= 1024")
+        if self.part_ann_threshold < 1024:
+            raise ConfigError(
+                "memory.part_ann_threshold", self.part_ann_threshold, "must be >= 1024"
+            )
         if self.ivf_nlist < 0 or (self.ivf_nlist and self.ivf_nlist * 32 > self.ann_threshold):
             raise ConfigError(
                 "memory.ivf_nlist", self.ivf_nlist, "must be 0 (auto) or <= ann_threshold / 32"
@@ -97,6 +103,14 @@ class MemoryConfig:
         if self.ivf_nlist:
             return self.ivf_nlist
         target = 2 * int(self.ann_threshold**0.5)
+        return 1 << max(4, target.bit_length() - 1)
+
+    def part_nlist(self) -> int:
+        """IVF lists of each part of a bank with parts: sqrt(part_ann_threshold) rounded down
+        to a power of two (128 at 16K), and at most one list per 40 entries (k-means wants 39
+        training points per centroid), so that training every part on one thread stays a
+        pause of about a second, not minutes."""
+        target = min(int(self.part_ann_threshold**0.5), self.part_ann_threshold // 40)
         return 1 << max(4, target.bit_length() - 1)
 
     def to_dict(self) -> dict[str, object]:

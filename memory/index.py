@@ -191,14 +191,24 @@ class IVFKeys(KeyIndex):
 
     @classmethod
     def train(
-        cls, dim: int, storage: str, nlist: int, sample: np.ndarray, nprobe: int, threads: int
+        cls,
+        dim: int,
+        storage: str,
+        nlist: int,
+        sample: np.ndarray,
+        nprobe: int,
+        threads: int,
+        iterations: int = 0,
     ) -> IVFKeys:
-        """A trained, empty IVF index. ``sample`` must be stored keys (never other data)."""
+        """A trained, empty IVF index. ``sample`` must be stored keys (never other data);
+        ``iterations`` of k-means (0: FAISS's default)."""
         quantizer = faiss.IndexFlatIP(dim)
         if storage == "fp32":
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, _IP)
         else:
             index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, _SQ[storage], _IP)
+        if iterations:
+            index.cp.niter = iterations
         _omp(threads)
         try:
             index.train(sample)
@@ -258,19 +268,28 @@ class PartitionedKeys(KeyIndex):
     A bank with parts stores one entry per token for several attention heads (a pretrained
     decoder's memory layers x KV heads): each head searches only its own keys, and eviction,
     TTL and ids stay per token. Keys come in and go out concatenated, so the log and the
-    privacy noising see one row per entry. Parts are flat (exact) only.
+    privacy noising see one row per entry. Parts are flat (exact) until the bank grows past
+    ``memory.part_ann_threshold``; then each part moves to its own IVF index (bank.py).
     """
 
     kind = "flat"
     MAGIC = b"ARPK"
 
-    def __init__(self, dim: int, storage: str, parts: int, indexes: list[FlatKeys] | None = None):
+    def __init__(
+        self, dim: int, storage: str, parts: int, indexes: list[KeyIndex] | None = None
+    ) -> None:
         super().__init__(dim, storage)
         if parts < 2 or dim % parts:
             raise MemoryBankError(f"key dim {dim} does not split into {parts} parts")
         self.parts = parts
         self.part_dim = dim // parts
-        self.indexes = indexes or [FlatKeys(self.part_dim, storage) for _ in range(parts)]
+        self.indexes: list[KeyIndex] = indexes or [
+            FlatKeys(self.part_dim, storage) for _ in range(parts)
+        ]
+        kinds = {index.kind for index in self.indexes}
+        if len(kinds) != 1 or len(self.indexes) != parts:
+            raise MemoryBankError(f"a partitioned key index needs {parts} parts of one kind")
+        self.kind = kinds.pop()  # "flat" (exact), or "ivf" once the bank has grown past a size
 
     @property
     def ntotal(self) -> int:
@@ -293,8 +312,11 @@ class PartitionedKeys(KeyIndex):
 
     def part_keys(self, part: int, rows: np.ndarray) -> np.ndarray:
         """Stored keys of ``rows`` (any shape) in one part, float32, shape ``rows.shape + (d,)``."""
-        keys: np.ndarray = self.indexes[part]._matrix()[rows].astype(np.float32)
-        return keys
+        index = self.indexes[part]
+        if isinstance(index, FlatKeys):
+            keys: np.ndarray = index._matrix()[rows].astype(np.float32)
+            return keys
+        return index.part_keys(0, rows)
 
     def search(
         self,
@@ -326,7 +348,7 @@ def _load_parts(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> Partiti
     parts = int(np.frombuffer(raw[4:8], np.uint32)[0]) if len(raw) >= 8 else 0
     if parts < 2 or dim % parts:
         raise BankFormatError(f"partitioned key index has {parts} parts for key dim {dim}")
-    indexes: list[FlatKeys] = []
+    indexes: list[KeyIndex] = []
     at = 8
     for p in range(parts):
         if at + 8 > len(raw):
@@ -336,8 +358,8 @@ def _load_parts(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> Partiti
         if len(blob) != n:
             raise BankFormatError(f"partitioned key index is truncated at part {p}")
         index = load_index(np.frombuffer(blob, np.uint8).copy(), dim // parts, storage, nprobe)
-        if not isinstance(index, FlatKeys):
-            raise BankFormatError(f"part {p} of a partitioned key index is not flat")
+        if isinstance(index, PartitionedKeys) or (indexes and index.kind != indexes[0].kind):
+            raise BankFormatError(f"part {p} of a partitioned key index is of another kind")
         indexes.append(index)
         at += 8 + n
     if at != len(raw) or len({index.ntotal for index in indexes}) != 1:
@@ -350,7 +372,7 @@ def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex
 
     Raises :class:`BankFormatError` unless it is a flat or IVF inner-product index of ``dim``
     whose codes have the size of ``storage`` (an IVF one with its array direct map), or a
-    :class:`PartitionedKeys` of flat ones.
+    :class:`PartitionedKeys` of such parts, all flat or all IVF.
     """
     if buf[:4].tobytes() == PartitionedKeys.MAGIC:
         return _load_parts(buf, dim, storage, nprobe)

@@ -3,7 +3,10 @@
 In-process, through the model seam (what the engine calls), one run compares:
 
 * **decode** tokens/s of one session with a bank of 0, 16K and 64K entries (``--bank-sizes``),
-  and the ratio to the empty bank: what the memory costs per token as it grows;
+  and the ratio to the empty bank: what the memory costs per token as it grows, for each
+  ``--index`` side by side: ``flat`` (exact search) and ``auto`` (serving's default: each part
+  of the bank moves to its own IVF index past ``memory.part_ann_threshold``, 16K entries), with
+  the one-time pause of that move;
 * **batching**: tokens/s of B sessions decoded together vs one (``--batch``), each with its
   own bank of ``--batch-bank`` entries: batched matrix products must pay off;
 * **prefill** tokens/s of a prompt fed in block-aligned chunks (one memory write per block);
@@ -36,20 +39,30 @@ from agent_runtime.config import EngineConfig, token_counts
 __all__ = ["main"]
 
 
-def _bank(chat: Any, entries: int, storage: str, seed: int) -> Any:
+SWITCHES: list[float] = []
+"""Seconds of each add that moved a bank's parts to IVF (the one-time pause a session sees)."""
+
+
+def _bank(
+    chat: Any, entries: int, storage: str, seed: int, index: str = "flat", threshold: int = 0
+) -> Any:
     from memory import MemoryBank, MemoryConfig
 
-    config = MemoryConfig(flat_storage=storage, value_storage=storage, index="flat")
+    config = MemoryConfig(flat_storage=storage, value_storage=storage, index=index)
+    if threshold:
+        config.part_ann_threshold = threshold
     key_dim, value_dim = chat.memory_dims
     bank = MemoryBank(key_dim, value_dim, config, parts=chat.memory_parts)
     rng = np.random.default_rng(seed)
     for start in range(0, entries, 4096):
         n = min(4096, entries - start)
-        bank.add(
-            rng.standard_normal((n, key_dim), dtype=np.float32),
-            rng.standard_normal((n, value_dim), dtype=np.float32) * 0.1,
-            np.arange(start, start + n),
-        )
+        keys = rng.standard_normal((n, key_dim), dtype=np.float32)
+        values = rng.standard_normal((n, value_dim), dtype=np.float32) * 0.1
+        was = bank.stats().index
+        started = time.perf_counter()
+        bank.add(keys, values, np.arange(start, start + n))
+        if bank.stats().index != was:
+            SWITCHES.append(time.perf_counter() - started)
     return bank
 
 
@@ -138,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=["all"],
         help="layer choices to compare for bytes per token (the first is timed)",
     )
+    parser.add_argument(
+        "--index",
+        type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
+        default=["flat", "auto"],
+        help="bank indexes to compare: flat (exact) and auto (serving's default: each part "
+        "moves to IVF past memory.part_ann_threshold); default flat,auto",
+    )
     parser.add_argument("--memory-k", type=int, default=32)
     parser.add_argument("--memory-window", type=int, default=512)
     parser.add_argument("--steps", type=int, default=0, help="decode steps per round")
@@ -163,30 +183,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefill_tokens = args.prefill_tokens or (64 if args.quick else 1024)
     out: dict[str, Any] = {"model": chat.describe(), "torch_threads": torch.get_num_threads()}
 
+    threshold = 1024 if args.quick else 0  # quick banks are small: let them switch too
     decode = []
-    for size in sizes:
-        rate = _decode_rate(chat, [_bank(chat, size, "fp32", 0)], steps, args.repeats)
-        decode.append({"bank_entries": size, "tokens_per_s": rate})
-        print(f"decode, bank {size:>7}: {rate:7.2f} tok/s", file=sys.stderr, flush=True)
+    for index in args.index:
+        for size in sizes:
+            bank = _bank(chat, size, "fp32", 0, index, threshold)
+            rate = _decode_rate(chat, [bank], steps, args.repeats)
+            kind = bank.stats().index
+            decode.append(
+                {"index": index, "bank_index": kind, "bank_entries": size, "tokens_per_s": rate}
+            )
+            print(f"decode, {index} ({kind}), bank {size:>7}: {rate:7.2f} tok/s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    empty = {r["index"]: r["tokens_per_s"] for r in decode if r["bank_entries"] == sizes[0]}
     for row in decode:
-        row["ratio_to_empty"] = row["tokens_per_s"] / decode[0]["tokens_per_s"]
+        row["ratio_to_empty"] = row["tokens_per_s"] / empty[row["index"]]
     out["decode"] = decode
+    if SWITCHES:
+        out["ivf_switch_s"] = statistics.median(SWITCHES)
+        print(f"moving a bank's parts to IVF: {out['ivf_switch_s']:.2f} s (once per session)",
+              file=sys.stderr)  # fmt: skip
 
-    one = _decode_rate(chat, [_bank(chat, batch_bank, "fp32", 0)], steps, args.repeats)
-    many = _decode_rate(
-        chat, [_bank(chat, batch_bank, "fp32", i) for i in range(args.batch)], steps, args.repeats
-    )
-    out["batching"] = {
-        "sessions": args.batch,
-        "bank_entries": batch_bank,
-        "one_tokens_per_s": one,
-        "batched_tokens_per_s": many,
-        "ratio": many / one,
-    }
-    print(
-        f"batching: 1 -> {one:.2f} tok/s, {args.batch} -> {many:.2f} tok/s ({many / one:.2f}x)",
-        file=sys.stderr,
-    )
+    out["batching"] = []
+    for index in args.index:
+        one = _decode_rate(
+            chat, [_bank(chat, batch_bank, "fp32", 0, index, threshold)], steps, args.repeats
+        )
+        banks = [_bank(chat, batch_bank, "fp32", i, index, threshold) for i in range(args.batch)]
+        many = _decode_rate(chat, banks, steps, args.repeats)
+        out["batching"].append({
+            "index": index,
+            "sessions": args.batch,
+            "bank_entries": batch_bank,
+            "one_tokens_per_s": one,
+            "batched_tokens_per_s": many,
+            "ratio": many / one,
+        })  # fmt: skip
+        print(
+            f"batching, {index}: 1 -> {one:.2f} tok/s, {args.batch} -> {many:.2f} tok/s "
+            f"({many / one:.2f}x)",
+            file=sys.stderr,
+        )
 
     out["prefill_tokens_per_s"] = _prefill_rate(chat, prefill_tokens, max(1, args.repeats // 2))
     print(f"prefill: {out['prefill_tokens_per_s']:.1f} tok/s", file=sys.stderr)

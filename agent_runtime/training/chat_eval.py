@@ -229,12 +229,19 @@ def _prompt(chat: LlamaChatModel, probe: Probe, use_prefix: bool) -> list[int]:
 
 @torch.no_grad()
 def run_probe(
-    chat: LlamaChatModel, probe: Probe, *, use_prefix: bool, max_tokens: int = 24
+    chat: LlamaChatModel,
+    probe: Probe,
+    *,
+    use_prefix: bool,
+    max_tokens: int = 24,
+    memory: MemoryConfig | None = None,
 ) -> tuple[str, dict[str, float]]:
-    """The model's answer to ``probe`` (greedy) and how long its prefill and decode took."""
+    """The model's answer to ``probe`` (greedy) and how long its prefill and decode took;
+    ``memory`` configures the bank as serving's ``memory.*`` settings do (default: theirs)."""
     parts = chat.memory_parts
     d = chat.memory_dims[0]
-    bank = MemoryBank(d, d, MemoryConfig(), parts=parts) if chat.plan.layers else None
+    config = memory or MemoryConfig()
+    bank = MemoryBank(d, d, config, parts=parts) if chat.plan.layers else None
     state = chat.new_state()
     prompt = _prompt(chat, probe, use_prefix)
     began = time.perf_counter()
@@ -271,6 +278,7 @@ def run_recall(
     corrections: bool = False,
     seed: int = 0,
     out: Any = None,
+    memory: MemoryConfig | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (distance, form, mode): recall over ``n`` probes, speeds, and the answers."""
     rows = []
@@ -285,7 +293,9 @@ def run_recall(
                 runner = chat.with_plan(plan)
                 hits, stale, answers, speeds = 0, 0, [], []
                 for probe in probes:
-                    answer, speed = run_probe(runner, probe, use_prefix=form == "prefix")
+                    answer, speed = run_probe(
+                        runner, probe, use_prefix=form == "prefix", memory=memory
+                    )
                     ok = probe.value.lower() in answer.lower()
                     hits += ok
                     stale += (

@@ -273,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     pretrained.add_argument(
         "--corrections", action="store_true", help="restate each fact with a new value halfway"
     )
+    pretrained.add_argument(
+        "--memory-index", default="auto", help="as --memory-index: flat (exact) or auto (IVF)"
+    )
+    pretrained.add_argument(
+        "--part-ann-threshold",
+        type=int,
+        default=MemoryConfig().part_ann_threshold,
+        help="as --memory-part-ann-threshold: bank entries at which each part moves to IVF",
+    )
     pretrained.add_argument("--seed", type=int, default=0, help="probe seed")
     pretrained.add_argument(
         "--scored", type=int, default=1024, help="ppl: score the document's last N tokens"
@@ -354,6 +363,9 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
         corrections=args.corrections,
         seed=args.seed,
         out=sys.stdout,
+        memory=MemoryConfig(
+            index=args.memory_index, part_ann_threshold=args.part_ann_threshold
+        ).validate(),
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

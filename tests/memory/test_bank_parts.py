@@ -130,3 +130,52 @@ def test_a_span_brings_each_hit_back_with_its_neighbours_once() -> None:
             np.testing.assert_array_equal(
                 near.keys[p, r][ok], keys[near.ids[p, r][ok], p * D : (p + 1) * D]
             )
+
+
+def _clustered_parts(rng: np.random.Generator, n: int, centers: np.ndarray) -> np.ndarray:
+    """Keys of every part near a few dozen centres (the structure attention keys have)."""
+    pick = centers[rng.integers(0, centers.shape[0], (n, P))]  # (n, P, D)
+    return (pick + 0.3 * rng.standard_normal((n, P, D))).reshape(n, P * D).astype(np.float32)
+
+
+@pytest.mark.parametrize("storage", ["fp32", "int8"])
+def test_a_grown_bank_moves_every_part_to_ivf_and_keeps_finding_the_top_k(
+    storage: str, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((40, D)).astype(np.float32) * 2
+    cfg = MemoryConfig(part_ann_threshold=2048, ivf_nprobe=8, ivf_storage=storage, ttl_s=0.0)
+    bank = MemoryBank.open(tmp_path / "ivf", P * D, P * DV, cfg, parts=P)
+    exact = MemoryBank(P * D, P * DV, MemoryConfig(index="flat"), parts=P)
+    for i in range(6):  # 3000 entries: the switch happens during the adds after the snapshot
+        keys = _clustered_parts(rng, 500, centers)
+        values = rng.standard_normal((500, P * DV)).astype(np.float32)
+        bank.add(keys, values, np.arange(i * 500, (i + 1) * 500))
+        exact.add(keys, values, np.arange(i * 500, (i + 1) * 500))
+        if i == 2:
+            bank.snapshot()
+        assert bank.stats().index == ("ivf" if (i + 1) * 500 >= 2048 else "flat")
+    queries = np.stack([centers[rng.integers(0, 40, 20)] for _ in range(P)])  # (P, 20, D)
+    got, want = bank.search_parts(queries, 16), exact.search_parts(queries, 16)
+    overlap = np.mean(
+        [
+            len(set(g) & set(w)) / 16
+            for g, w in zip(got.ids.reshape(-1, 16), want.ids.reshape(-1, 16), strict=True)
+        ]
+    )
+    assert overlap >= 0.9, overlap
+    assert got.mask.all() and got.keys is not None and got.positions is not None
+    stored = exact.get(got.ids.reshape(-1))[0].reshape(P, 20, 16, P, D)
+    for p in range(P):  # each part's hits come back with their own key slice and position
+        tol = 1e-6 if storage == "fp32" else 0.03 * float(np.ptp(stored))  # int8: 256 levels
+        np.testing.assert_allclose(got.keys[p], stored[p, :, :, p], atol=tol)
+        np.testing.assert_array_equal(got.positions[p], got.ids[p])
+    bank.close()
+    again = MemoryBank.open(tmp_path / "ivf", P * D, P * DV, cfg, parts=P)  # snapshot + replay
+    assert again.stats().index == "ivf"
+    np.testing.assert_array_equal(again.search_parts(queries, 16).ids, got.ids)
+    again.snapshot()
+    again.close()
+    third = MemoryBank.open(tmp_path / "ivf", P * D, P * DV, cfg, parts=P)  # the IVF snapshot
+    np.testing.assert_array_equal(third.search_parts(queries, 16).ids, got.ids)
+    third.close()

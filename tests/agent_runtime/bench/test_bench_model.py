@@ -14,10 +14,16 @@ def test_quick_run_reports_decode_batching_prefill_and_bytes_per_token(tmp_path:
         main(["--quick", "--repeats", "1", "--memory-layers", "all", "0", "--json", str(out)]) == 0
     )
     result = json.loads(out.read_text())
-    assert [row["bank_entries"] for row in result["decode"]] == [0, 512, 2048]
-    assert result["decode"][0]["ratio_to_empty"] == 1.0
-    assert all(row["tokens_per_s"] > 0 for row in result["decode"])
-    assert result["batching"]["sessions"] == 8 and result["batching"]["ratio"] > 0
+    decode = result["decode"]  # exact (flat) and serving's default (auto), side by side
+    assert [(r["index"], r["bank_entries"]) for r in decode] == [
+        ("flat", 0), ("flat", 512), ("flat", 2048), ("auto", 0), ("auto", 512), ("auto", 2048)
+    ]  # fmt: skip
+    assert [r["bank_index"] for r in decode] == ["flat"] * 5 + ["ivf"]  # auto switched at 1K
+    assert decode[0]["ratio_to_empty"] == decode[3]["ratio_to_empty"] == 1.0
+    assert all(row["tokens_per_s"] > 0 for row in decode)
+    assert result["ivf_switch_s"] > 0
+    assert [b["index"] for b in result["batching"]] == ["flat", "auto"]
+    assert all(b["sessions"] == 8 and b["ratio"] > 0 for b in result["batching"])
     assert result["prefill_tokens_per_s"] > 0
     sizes = {
         (r["memory_layers"], r["storage"]): r["bytes_per_token"] for r in result["bytes_per_token"]
