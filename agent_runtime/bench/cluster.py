@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import cast
+from typing import Self, cast
 
 from agent_runtime.bench.launch import ServerProcess, start_server
 
@@ -146,7 +146,31 @@ def redis_command(port: int, *args: str | int) -> object:
         client.close()
 
 
-class RedisClusterServers:
+class _Group:
+    """Processes started together: ``with group: ...`` starts them all (or, failing, stops
+    what started) and stops them on exit."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class RedisClusterServers(_Group):
     """A Redis Cluster on loopback: ``masters`` primaries sharing the 16384 slots, each with
     ``replicas`` replicas, a 1 s node timeout (a dead primary's replica takes over in ~2 s).
 
@@ -166,19 +190,6 @@ class RedisClusterServers:
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
-
-    def __enter__(self) -> RedisClusterServers:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self, timeout: float = 30.0) -> None:
         for server in self.servers:
@@ -221,7 +232,7 @@ class RedisClusterServers:
             server.stop()
 
 
-class RedisSentinelGroup:
+class RedisSentinelGroup(_Group):
     """A primary, a replica and a Sentinel watching them (quorum 1, a primary is down after
     1 s): ``redis+sentinel://127.0.0.1:<sentinel port>/<service>``. Kill the primary and the
     Sentinel promotes the replica in a few seconds."""
@@ -245,19 +256,9 @@ class RedisSentinelGroup:
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{self.service}"
 
-    def __enter__(self) -> RedisSentinelGroup:
-        try:
-            for server in (self.primary, self.replica, self.sentinel):
-                server.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def start(self) -> None:
+        for server in (self.primary, self.replica, self.sentinel):
+            server.start()
 
     def primary_port(self) -> int:
         """The port of the primary the Sentinel names now."""

@@ -37,6 +37,16 @@ from tests.server.test_cluster import resumed, run, turn
 TTL = 3.0
 
 
+def run_showing_logs(cluster: Cluster, coro: object) -> None:
+    """Run the test's body; on failure print the nodes' logs; a traceback in them fails too."""
+    try:
+        run(coro)
+    except BaseException:
+        print(cluster.log_text()[-6000:])
+        raise
+    assert "Traceback" not in cluster.log_text()
+
+
 async def create_when_healed(url: str, deadline: float) -> list[str]:
     """Create a session through ``url``, retrying until Redis has healed; the error codes of
     the refusals met on the way."""
@@ -144,12 +154,7 @@ def test_nodes_on_a_redis_cluster_survive_a_redis_primary_and_a_node_dying(
                 await turn(c, "Where do I park?")
                 await c.aclose()
 
-        try:
-            run(body())
-        except BaseException:
-            print(cluster.log_text()[-6000:])
-            raise
-        assert "Traceback" not in cluster.log_text()
+        run_showing_logs(cluster, body())
 
 
 def test_a_sentinel_failover_under_load_loses_nothing(tmp_path: Path) -> None:
@@ -186,12 +191,7 @@ def test_a_sentinel_failover_under_load_loses_nothing(tmp_path: Path) -> None:
             assert info.turns == 3
             await again.aclose()
 
-        try:
-            run(body())
-        except BaseException:
-            print(cluster.log_text()[-6000:])
-            raise
-        assert "Traceback" not in cluster.log_text()
+        run_showing_logs(cluster, body())
 
 
 @pytest.mark.parametrize(
