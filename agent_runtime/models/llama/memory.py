@@ -323,6 +323,7 @@ def forward_rows(
     new_k: list[list[Tensor]] = [[] for _ in range(B)]
     new_v: list[list[Tensor]] = [[] for _ in range(B)]
     memory_at = {layer: i for i, layer in enumerate(plan.layers)}
+    masses: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(B)]
     rope = _rope_table(model)
     for li, layer in enumerate(model.layers):
         q, k, v = layer.attention_inputs(x)
@@ -338,12 +339,17 @@ def forward_rows(
             out[b] = _attend_row(rope, plan, states[b], li, q[b], k[b], v[b], mem)
             if attended is not None and queries is not None and li in memory_at:
                 queries[b] += q.shape[1] * q.shape[2]  # tokens x query heads
-                if mem is not None and mem.weights is not None:
-                    add_mass(attended[b], mem.positions.cpu().numpy(), mem.weights.cpu().numpy())
+                if mem is not None and mem.weights is not None:  # summed once, after the step
+                    masses[b].append((mem.positions.reshape(-1), mem.weights.reshape(-1)))
             new_k[b].append(k[b])
             new_v[b].append(v[b])
         x = layer.finish(x, out)
     logits = model.head(x) if every else model.head(x[:, -1:])[:, 0]
+    if attended is not None:
+        for b, got in enumerate(masses):
+            if got:
+                positions = torch.cat([g[0] for g in got]).cpu().numpy()
+                add_mass(attended[b], positions, torch.cat([g[1] for g in got]).cpu().numpy())
     for b in range(B):
         _advance(plan, states[b], new_k[b], new_v[b], banks[b])
     return logits, retrieved, searching
