@@ -11,7 +11,11 @@ In-process, through the model seam (what the engine calls), one run compares:
   own bank of ``--batch-bank`` entries: batched matrix products must pay off;
 * **prefill** tokens/s of a prompt fed in block-aligned chunks (one memory write per block);
 * **bytes per stored token** of the bank for each ``--memory-layers`` choice and key/value
-  storage (fp32, fp16), the figure that decides how long a conversation fits in RAM.
+  storage (fp32, fp16), the figure that decides how long a conversation fits in RAM;
+* each **``--dtype``** of the weights and activations side by side (``float32,float16``, say):
+  the speeds above for each, and what the cheaper types cost in accuracy against the first,
+  on the same text (mean KL divergence of the next-token distributions, how often the most
+  likely next token is the same, the largest logit difference).
 
 Banks are filled with random entries of the model's dims (a search costs the same whatever
 the keys hold); the window is full, as in a long conversation. ``--quick`` runs a random
@@ -109,11 +113,49 @@ def _prefill_rate(chat: Any, tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def _load(args: argparse.Namespace) -> Any:
-    if args.quick and not args.model:
-        from agent_runtime.models.llama.family import tiny_random
+DTYPES = ("float32", "bfloat16", "float16")
 
-        return tiny_random(0)
+# The text the dtypes are compared on: plain English prose, the same in every run.
+_AGREEMENT_TEXT = (
+    "The library was quiet in the early morning. A few students sat near the windows, reading "
+    "or writing in their notebooks, while the librarian sorted a cart of returned books. Outside"
+    ", the rain had stopped and the streets were beginning to dry. My name is Priya, and I come "
+    "here most days before work. Last week I told the librarian that my dentist appointment is "
+    "on March 3rd, and she reminded me of it yesterday. The code for my locker at the gym is "
+    "4711, which I keep forgetting. When people ask me why I like this place, I tell them it is "
+    "the only room in the city where nobody is in a hurry. Conversations here are slow and "
+    "careful; a question can wait for its answer. Memory works the same way: what we are told "
+    "long ago comes back when something today reminds us of it, and a good assistant should do "
+    "the same, recalling a name, a date or a number from the start of a long conversation "
+    "without being told it again."
+)
+
+
+def _agreement(chat: Any, tokens: list[int], reference: torch.Tensor | None) -> dict[str, Any]:
+    """Full-attention logits of ``tokens`` in ``chat``'s dtype, compared with ``reference``
+    (the first dtype's logits; none for the first itself)."""
+    with torch.no_grad():
+        logits = chat.model(torch.tensor([tokens], device=chat.device))[0].float().cpu()
+    if reference is None:
+        return {"logits": logits}
+    ref_logp = torch.log_softmax(reference, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return {
+        "logits": logits,
+        "tokens": len(tokens),
+        "kl_mean": float(kl.mean()),
+        "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+        "max_abs_logit_diff": float((logits - reference).abs().max()),
+    }
+
+
+def _load(args: argparse.Namespace, dtype: str) -> Any:
+    if args.quick and not args.model:
+        from agent_runtime.models.llama.family import LlamaChatModel, tiny_random
+
+        tiny = tiny_random(0)
+        return LlamaChatModel(tiny.model.to(getattr(torch, dtype)), tiny.tokenizer, tiny.plan)
     from agent_runtime.models.llama.registry import default_data_dir
     from agent_runtime.models.loader import load_model
 
@@ -123,9 +165,20 @@ def _load(args: argparse.Namespace) -> Any:
         memory_k=args.memory_k,
         memory_window=args.memory_window,
         device=args.device,
+        dtype=dtype,
     )
     engine.validate()
     return load_model(engine, args.data_dir or default_data_dir())
+
+
+def _dtypes(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(bad) or repr(text)}: each dtype must be one of {', '.join(DTYPES)}"
+        )
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bank indexes to compare: flat (exact) and auto (serving's default: each part "
         "moves to IVF past memory.part_ann_threshold); default flat,auto",
     )
+    parser.add_argument(
+        "--dtype",
+        type=_dtypes,
+        default=["float32"],
+        help="weight/activation dtypes to compare (float32, bfloat16, float16; comma-separated; "
+        "the first is the accuracy reference); default float32",
+    )
     parser.add_argument("--memory-k", type=int, default=32)
     parser.add_argument("--memory-window", type=int, default=512)
     parser.add_argument("--steps", type=int, default=0, help="decode steps per round")
@@ -171,18 +231,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dataclasses import replace
-
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    chat = _load(args)
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "dtypes": args.dtype}
+    out["decode"], out["batching"], out["prefill"], out["accuracy"] = [], [], [], []
+    reference: torch.Tensor | None = None
+    for n, dtype in enumerate(args.dtype):
+        chat = _load(args, dtype)
+        out.setdefault("model", chat.describe())
+        label = f"{dtype}, " if len(args.dtype) > 1 else ""
+        _time_one_dtype(args, chat, dtype, label, out)
+        if len(args.dtype) > 1:
+            tokens = chat.encode_text(_AGREEMENT_TEXT)[: 64 if args.quick else 512]
+            agreement = _agreement(chat, tokens, reference)
+            if n == 0:
+                reference = agreement["logits"]
+            else:
+                del agreement["logits"]
+                agreement.update(dtype=dtype, reference=args.dtype[0])
+                out["accuracy"].append(agreement)
+                print(
+                    f"accuracy, {dtype} vs {args.dtype[0]} ({len(tokens)} tokens): KL "
+                    f"{agreement['kl_mean']:.2e}, top-1 agreement "
+                    f"{agreement['top1_agreement']:.1%}, max |logit diff| "
+                    f"{agreement['max_abs_logit_diff']:.3f}",
+                    file=sys.stderr,
+                )
+        if n == 0:
+            out["bytes_per_token"] = _bytes_per_token(args, chat)
+        del chat
+    if SWITCHES:
+        out["ivf_switch_s"] = statistics.median(SWITCHES)
+        print(f"moving a bank's parts to IVF: {out['ivf_switch_s']:.2f} s (once per session)",
+              file=sys.stderr)  # fmt: skip
+    print(json.dumps(out))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def _time_one_dtype(
+    args: argparse.Namespace, chat: Any, dtype: str, label: str, out: dict[str, Any]
+) -> None:
+    """Decode, batching and prefill speeds of one dtype, appended to ``out``'s lists."""
     sizes = args.bank_sizes or ([0, 512, 2048] if args.quick else [0, 16384, 65536])
     batch_bank = (args.batch_bank or [512 if args.quick else 16384])[0]
     steps = args.steps or (4 if args.quick else 16)
     prefill_tokens = args.prefill_tokens or (64 if args.quick else 1024)
-    out: dict[str, Any] = {"model": chat.describe(), "torch_threads": torch.get_num_threads()}
-
     threshold = 1024 if args.quick else 0  # quick banks are small: let them switch too
     decode = []
     for index in args.index:
@@ -190,21 +287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             bank = _bank(chat, size, "fp32", 0, index, threshold)
             rate = _decode_rate(chat, [bank], steps, args.repeats)
             kind = bank.stats().index
-            decode.append(
-                {"index": index, "bank_index": kind, "bank_entries": size, "tokens_per_s": rate}
-            )
-            print(f"decode, {index} ({kind}), bank {size:>7}: {rate:7.2f} tok/s",
+            decode.append({
+                "dtype": dtype, "index": index, "bank_index": kind, "bank_entries": size,
+                "tokens_per_s": rate,
+            })  # fmt: skip
+            print(f"decode, {label}{index} ({kind}), bank {size:>7}: {rate:7.2f} tok/s",
                   file=sys.stderr, flush=True)  # fmt: skip
     empty = {r["index"]: r["tokens_per_s"] for r in decode if r["bank_entries"] == sizes[0]}
     for row in decode:
         row["ratio_to_empty"] = row["tokens_per_s"] / empty[row["index"]]
-    out["decode"] = decode
-    if SWITCHES:
-        out["ivf_switch_s"] = statistics.median(SWITCHES)
-        print(f"moving a bank's parts to IVF: {out['ivf_switch_s']:.2f} s (once per session)",
-              file=sys.stderr)  # fmt: skip
+    out["decode"] += decode
 
-    out["batching"] = []
     for index in args.index:
         one = _decode_rate(
             chat, [_bank(chat, batch_bank, "fp32", 0, index, threshold)], steps, args.repeats
@@ -212,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         banks = [_bank(chat, batch_bank, "fp32", i, index, threshold) for i in range(args.batch)]
         many = _decode_rate(chat, banks, steps, args.repeats)
         out["batching"].append({
+            "dtype": dtype,
             "index": index,
             "sessions": args.batch,
             "bank_entries": batch_bank,
@@ -220,22 +314,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio": many / one,
         })  # fmt: skip
         print(
-            f"batching, {index}: 1 -> {one:.2f} tok/s, {args.batch} -> {many:.2f} tok/s "
+            f"batching, {label}{index}: 1 -> {one:.2f} tok/s, {args.batch} -> {many:.2f} tok/s "
             f"({many / one:.2f}x)",
             file=sys.stderr,
         )
 
-    out["prefill_tokens_per_s"] = _prefill_rate(chat, prefill_tokens, max(1, args.repeats // 2))
-    print(f"prefill: {out['prefill_tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    rate = _prefill_rate(chat, prefill_tokens, max(1, args.repeats // 2))
+    out["prefill"].append({"dtype": dtype, "tokens": prefill_tokens, "tokens_per_s": rate})
+    print(f"prefill, {label.rstrip(', ') or dtype}: {rate:.1f} tok/s", file=sys.stderr)
 
-    sizes_rows = []
+
+def _bytes_per_token(args: argparse.Namespace, chat: Any) -> list[dict[str, Any]]:
+    from dataclasses import replace
+
+    rows = []
     for choice in args.memory_layers:
         engine = EngineConfig(memory_layers=choice)
         layers = engine.memory_layer_indices(chat.model.cfg.num_layers)
         variant = chat.with_plan(replace(chat.plan, layers=layers))
         for storage in ("fp32", "fp16"):
             bank = _bank(variant, 4096, storage, 0)
-            sizes_rows.append(
+            rows.append(
                 {
                     "memory_layers": choice,
                     "layers": len(layers),
@@ -245,12 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(
                 f"memory layers {choice} ({len(layers)}), {storage}: "
-                f"{sizes_rows[-1]['bytes_per_token'] / 1024:.1f} KiB per token",
+                f"{rows[-1]['bytes_per_token'] / 1024:.1f} KiB per token",
                 file=sys.stderr,
             )
-    out["bytes_per_token"] = sizes_rows
-    print(json.dumps(out))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    return rows

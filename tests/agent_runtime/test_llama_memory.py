@@ -184,3 +184,31 @@ def test_keys_reach_the_bank_through_the_privacy_noiser_and_a_spent_budget_stops
     stopped.protect = spent
     feed(model, plan, stopped, tokens, bank)
     assert len(bank) == 0 and stopped.memory_stopped == "privacy budget spent"
+
+
+def test_windows_grow_in_place_and_a_checkpoint_survives_the_growth() -> None:
+    """Windows are appended in place in a buffer with spare rows (no copy per token); a
+    checkpoint of an earlier window keeps its contents while the live state grows past it,
+    and decoding again from the rolled-back state gives the first run's logits."""
+    from agent_runtime.models.llama.family import LlamaChatModel
+
+    model = tiny_llama()
+    plan = MemoryPlan(layers=(0, 2), window=16, block=8, k=4)
+    state, bank = new_state(), bank_for(plan)
+    gen = torch.Generator().manual_seed(9)
+    feed(model, plan, state, torch.randint(0, CFG.vocab_size, (35,), generator=gen), bank)
+    buffer = state.k[1]._base
+    saved = LlamaChatModel.checkpoint(None, state)  # type: ignore[arg-type]
+    before = [t.clone() for t in saved.k]
+    steps = torch.randint(0, CFG.vocab_size, (4,), generator=gen)
+    first = [
+        forward_rows(model, plan, [state], steps[None, i : i + 1], [bank])[0] for i in range(4)
+    ]
+    assert state.k[1]._base is buffer  # grown in place, not copied
+    for t, b in zip(saved.k, before, strict=True):
+        torch.testing.assert_close(t, b, atol=0, rtol=0)
+    LlamaChatModel.restore(None, state, saved)  # type: ignore[arg-type]
+    again = [
+        forward_rows(model, plan, [state], steps[None, i : i + 1], [bank])[0] for i in range(4)
+    ]
+    torch.testing.assert_close(torch.stack(again), torch.stack(first), atol=0, rtol=0)

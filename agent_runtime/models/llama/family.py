@@ -234,8 +234,8 @@ class LlamaChatModel:
         )
 
     def checkpoint(self, state: LlamaState) -> LlamaState:
-        # Window tensors are replaced, never changed in place, so lists of the same tensors
-        # are a full checkpoint.
+        # A window only ever grows past its own end (memory._append writes the rows after a
+        # view, never the rows inside it), so lists of the same views are a full checkpoint.
         clone = copy.copy(state)
         clone.k = list(state.k)
         clone.v = list(state.v)

@@ -175,6 +175,36 @@ class RopeTable:
         return x * cos + rotated * sin
 
 
+def _append(t: Tensor, new: Tensor, spare: int) -> Tensor:
+    """``torch.cat([t, new])``, written in place after ``t`` in the buffer ``t`` is a slice of
+    when there is room (else a new buffer with ``spare`` free rows): a window grows by a token
+    per step without copying itself.
+
+    Only the rows after ``t`` are written, so every other view of the buffer (a checkpoint of an
+    earlier window, say) keeps its contents; a view that extends past ``t`` belongs to a state
+    that was rolled back to ``t`` and is discarded."""
+    n = new.shape[0]
+    base = t._base
+    if (
+        base is not None
+        and base.dim() == t.dim()
+        and base.shape[1:] == t.shape[1:]
+        and base.dtype == new.dtype
+        and base.is_contiguous()
+        and t.is_contiguous()
+    ):
+        row = base.stride(0)
+        off = (t.storage_offset() - base.storage_offset()) // row
+        end = off + t.shape[0]
+        if end + n <= base.shape[0]:
+            base[end : end + n] = new
+            return base[off : end + n]
+    buf = torch.empty((t.shape[0] + n + spare, *t.shape[1:]), dtype=new.dtype, device=new.device)
+    buf[: t.shape[0]] = t
+    buf[t.shape[0] : t.shape[0] + n] = new
+    return buf[: t.shape[0] + n]
+
+
 def _scores(qg: Tensor, keys: Tensor) -> Tensor:
     """q (kv, g, T, D) . keys (S, kv, D) -> (kv, g, T, S)."""
     kv, g, T, D = qg.shape
@@ -196,16 +226,18 @@ def _attend_row(
     k: Tensor,
     v: Tensor,
     mem: _Retrieved | None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Attention of one row's T new queries (T, H, D) over its window, its new keys and its
-    retrieved entries; returns (T, H, D)."""
+    retrieved entries; returns (T, H, D) and the window's keys and values with the new ones
+    appended (for :func:`_advance`)."""
     T, H, D = q.shape
     kv = k.shape[1]
     g = H // kv
     C = state.cached
     start = state.position - C  # true position of the window's first key
-    keys = torch.cat([state.k[layer], k]) if C else k
-    values = torch.cat([state.v[layer], v]) if C else v
+    spare = 2 * plan.block
+    keys = _append(state.k[layer], k, spare)
+    values = _append(state.v[layer], v, spare)
     n_mem = 0 if mem is None else mem.mask.shape[-1]
     # sinks that have left the window (the first tokens; while inside it they are window keys)
     n_sink = min(len(state.sink_k[layer]), start) if state.sink_k else 0
@@ -219,16 +251,17 @@ def _attend_row(
     # reused step to step and only the new keys are rotated.
     hit = state.rotated.get(layer)
     if C and hit is not None and hit[0] is state.k[layer] and hit[1] == shift:
-        k_r = torch.cat([hit[2], rope.at(k, k_pos[C:, None].expand(T, kv))])
+        k_r = _append(hit[2], rope.at(k, k_pos[C:, None].expand(T, kv)), spare)
     else:
         k_r = rope.at(keys, k_pos[:, None].expand(C + T, kv))
-    state.rotated[layer] = (keys, shift, k_r)  # re-keyed to the new window tensor by _advance
+    state.rotated[layer] = (keys, shift, k_r)  # keys becomes the window in _advance
     qg = q_r.view(T, kv, g, D).permute(1, 2, 0, 3).float()  # (kv, g, T, D)
     scale = 1.0 / math.sqrt(D)
     # (plain batched matmuls over strided views: einsum copies these layouts, 7x slower)
     win = _scores(qg, k_r.float()) * scale  # (kv, g, T, C+T)
-    causal = k_pos[None, :] <= q_pos[:, None]  # (T, C+T)
-    win = win.masked_fill(~causal, float("-inf"))
+    if T > 1:  # one query sees every key
+        causal = k_pos[None, :] <= q_pos[:, None]  # (T, C+T)
+        win = win.masked_fill(~causal, float("-inf"))
     vals_win = values.float().permute(1, 0, 2)  # (kv, C+T, D)
     if n_sink:
         s_pos = torch.arange(n_sink, device=dev)
@@ -254,19 +287,20 @@ def _attend_row(
         mem.weights = p[..., :n_mem]
         out = torch.einsum("hgtk,hgtkd->hgtd", p[..., :n_mem], mem.values.float())
         out = out + _mix(p[..., n_mem:], vals_win)
-    return out.permute(2, 0, 1, 3).reshape(T, H, D).to(q.dtype)
+    return out.permute(2, 0, 1, 3).reshape(T, H, D).to(q.dtype), keys, values
 
 
 def _advance(
-    plan: MemoryPlan, state: LlamaState, ks: list[Tensor], vs: list[Tensor], bank: MemoryBank | None
+    plan: MemoryPlan,
+    state: LlamaState,
+    ks: list[Tensor],
+    vs: list[Tensor],
+    windows: tuple[list[Tensor], list[Tensor]],
+    bank: MemoryBank | None,
 ) -> None:
-    """Append a row's new keys/values to its window; move full blocks to the bank."""
-    windows = [state.rotated[i][0] if i in state.rotated else None for i in range(len(ks))]
-    state.k = [
-        w if w is not None and w.shape[0] == old.shape[0] + new.shape[0] else torch.cat([old, new])
-        for w, old, new in zip(windows, state.k, ks, strict=True)
-    ]
-    state.v = [torch.cat([old, new]) for old, new in zip(state.v, vs, strict=True)]
+    """Take a row's grown windows (``windows``: each layer's keys and values with the new
+    ``ks``/``vs`` appended); move full blocks to the bank."""
+    state.k, state.v = windows
     before = state.position
     state.position += ks[0].shape[0]
     if before < plan.sink:  # the first tokens are kept as sinks
@@ -322,6 +356,7 @@ def forward_rows(
     searching = 0.0
     new_k: list[list[Tensor]] = [[] for _ in range(B)]
     new_v: list[list[Tensor]] = [[] for _ in range(B)]
+    grown: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in range(B)]
     memory_at = {layer: i for i, layer in enumerate(plan.layers)}
     masses: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(B)]
     rope = _rope_table(model)
@@ -336,7 +371,9 @@ def forward_rows(
                 mem, n = _search(bank, q[b], memory_at[li] * kv, kv, plan.k, plan.span)
                 searching += time.perf_counter() - began
                 retrieved[b] += n
-            out[b] = _attend_row(rope, plan, states[b], li, q[b], k[b], v[b], mem)
+            out[b], keys, values = _attend_row(rope, plan, states[b], li, q[b], k[b], v[b], mem)
+            grown[b][0].append(keys)
+            grown[b][1].append(values)
             if attended is not None and queries is not None and li in memory_at:
                 queries[b] += q.shape[1] * q.shape[2]  # tokens x query heads
                 if mem is not None and mem.weights is not None:  # summed once, after the step
@@ -351,5 +388,5 @@ def forward_rows(
                 positions = torch.cat([g[0] for g in got]).cpu().numpy()
                 add_mass(attended[b], positions, torch.cat([g[1] for g in got]).cpu().numpy())
     for b in range(B):
-        _advance(plan, states[b], new_k[b], new_v[b], banks[b])
+        _advance(plan, states[b], new_k[b], new_v[b], grown[b], banks[b])
     return logits, retrieved, searching

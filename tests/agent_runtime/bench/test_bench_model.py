@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from agent_runtime.bench.model import main
 
 
@@ -24,10 +26,36 @@ def test_quick_run_reports_decode_batching_prefill_and_bytes_per_token(tmp_path:
     assert result["ivf_switch_s"] > 0
     assert [b["index"] for b in result["batching"]] == ["flat", "auto"]
     assert all(b["sessions"] == 8 and b["ratio"] > 0 for b in result["batching"])
-    assert result["prefill_tokens_per_s"] > 0
+    assert [(p["dtype"], p["tokens"]) for p in result["prefill"]] == [("float32", 64)]
+    assert result["prefill"][0]["tokens_per_s"] > 0
+    assert result["accuracy"] == []  # one dtype: nothing to compare
     sizes = {
         (r["memory_layers"], r["storage"]): r["bytes_per_token"] for r in result["bytes_per_token"]
     }
     # the tiny model: 2 KV heads x 8 dims per layer, a key and a value per part, plus metadata
     assert sizes[("all", "fp32")] > sizes[("all", "fp16")] > sizes[("0", "fp16")]
     assert sizes[("all", "fp32")] >= 2 * 2 * 2 * 8 * 4
+
+
+def test_dtypes_side_by_side_with_their_cost_in_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "dtypes.json"
+    argv = ["--quick", "--repeats", "1", "--index", "flat", "--bank-sizes", "0,512"]
+    assert main([*argv, "--dtype", "float32,float16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["dtype"], r["bank_entries"]) for r in result["decode"]] == [
+        ("float32", 0), ("float32", 512), ("float16", 0), ("float16", 512)
+    ]  # fmt: skip
+    assert [b["dtype"] for b in result["batching"]] == ["float32", "float16"]
+    assert [p["dtype"] for p in result["prefill"]] == ["float32", "float16"]
+    (row,) = result["accuracy"]
+    assert (row["dtype"], row["reference"], row["tokens"]) == ("float16", "float32", 64)
+    # the weights really were converted (fp16 rounding moves the logits), and only a little
+    assert 0 < row["kl_mean"] < 0.05 and 0 < row["max_abs_logit_diff"] < 1
+    assert 0.8 <= row["top1_agreement"] <= 1
+
+
+def test_an_unknown_dtype_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--dtype", "float32,int4"])
+    assert exc.value.code == 2
+    assert "int4: each dtype must be one of float32, bfloat16, float16" in capsys.readouterr().err
