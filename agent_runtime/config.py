@@ -140,6 +140,8 @@ class EngineConfig:
     """Pretrained decoder to serve instead of the byte model: a registry name (``agent-runtime models list``), a GGUF file or a model directory."""
     dtype: str = "float32"
     """Weights and activations of a pretrained decoder: ``float32``, ``bfloat16`` or ``float16``."""
+    vector_dtype: str = "auto"
+    """A second copy of a pretrained decoder's weights for steps of one token (one session decoding), where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16``."""
     memory_layers: str = "all"
     """Layers of a pretrained decoder that read and write the kNN memory: ``all``, ``none`` or indices (``4,8,12``)."""
     memory_window: int = 512
@@ -179,6 +181,10 @@ class EngineConfig:
             raise ConfigError("engine.model", self.model, "give either a model or a checkpoint")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("engine.dtype", self.dtype, "must be float32, bfloat16 or float16")
+        if self.vector_dtype not in ("auto", "none", "float16", "bfloat16"):
+            raise ConfigError(
+                "engine.vector_dtype", self.vector_dtype, "must be auto, none, float16 or bfloat16"
+            )
         self.memory_layer_indices(None)
         ConfigError.check_positive("engine.memory_block", self.memory_block)
         if self.memory_window < self.memory_block or self.memory_window % self.memory_block:
@@ -190,6 +196,14 @@ class EngineConfig:
         ConfigError.check_non_negative("engine.memory_k", self.memory_k)
         ConfigError.check_non_negative("engine.memory_sink", self.memory_sink)
         ConfigError.check_non_negative("engine.memory_span", self.memory_span)
+
+    def vector_weights(self) -> str | None:
+        """The dtype of the one-token weight copies ``vector_dtype`` asks for (None: none)."""
+        if self.vector_dtype == "auto":
+            return "float16" if self.device == "cpu" and self.dtype == "float32" else None
+        if self.vector_dtype == "none" or self.vector_dtype == self.dtype:
+            return None
+        return self.vector_dtype
 
     def memory_layer_indices(self, num_layers: int | None) -> tuple[int, ...]:
         """``memory_layers`` as indices (``num_layers`` None: syntax check only)."""

@@ -12,10 +12,12 @@ In-process, through the model seam (what the engine calls), one run compares:
 * **prefill** tokens/s of a prompt fed in block-aligned chunks (one memory write per block);
 * **bytes per stored token** of the bank for each ``--memory-layers`` choice and key/value
   storage (fp32, fp16), the figure that decides how long a conversation fits in RAM;
-* each **``--dtype``** of the weights and activations side by side (``float32,float16``, say):
-  the speeds above for each, and what the cheaper types cost in accuracy against the first,
-  on the same text (mean KL divergence of the next-token distributions, how often the most
-  likely next token is the same, the largest logit difference).
+* each **``--dtype``** of the weights and activations side by side (``float32,float16``, say;
+  ``float32+float16`` is float32 with float16 copies for one-token steps, serving's default
+  on a CPU: ``engine.vector_dtype``): the speeds above for each, and what the cheaper types
+  cost in accuracy against the first, on the same text (mean KL divergence of the next-token
+  distributions, how often the most likely next token is the same, the largest logit
+  difference), computed one token at a time as a decoding session computes them.
 
 Banks are filled with random entries of the model's dims (a search costs the same whatever
 the keys hold); the window is full, as in a long conversation. ``--quick`` runs a random
@@ -113,7 +115,7 @@ def _prefill_rate(chat: Any, tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float32+float16", "float32+bfloat16")
 
 # The text the dtypes are compared on: plain English prose, the same in every run.
 _AGREEMENT_TEXT = (
@@ -132,10 +134,12 @@ _AGREEMENT_TEXT = (
 
 
 def _agreement(chat: Any, tokens: list[int], reference: torch.Tensor | None) -> dict[str, Any]:
-    """Full-attention logits of ``tokens`` in ``chat``'s dtype, compared with ``reference``
-    (the first dtype's logits; none for the first itself)."""
+    """Logits of ``tokens`` fed one at a time (one-token steps: what decoding computes) in
+    ``chat``'s dtype, compared with ``reference`` (the first dtype's; none for the first)."""
+    state, bank = chat.new_state(), _bank(chat, 0, "fp32", 0)
     with torch.no_grad():
-        logits = chat.model(torch.tensor([tokens], device=chat.device))[0].float().cpu()
+        rows = [chat.decode([state], [t], [bank])[0][0].float().cpu() for t in tokens]
+    logits = torch.stack(rows)
     if reference is None:
         return {"logits": logits}
     ref_logp = torch.log_softmax(reference, dim=-1)
@@ -155,7 +159,9 @@ def _load(args: argparse.Namespace, dtype: str) -> Any:
         from agent_runtime.models.llama.family import LlamaChatModel, tiny_random
 
         tiny = tiny_random(0)
-        return LlamaChatModel(tiny.model.to(getattr(torch, dtype)), tiny.tokenizer, tiny.plan)
+        model = tiny.model.to(getattr(torch, dtype.split("+")[0]))
+        model.use_vector_weights(getattr(torch, dtype.split("+")[1]) if "+" in dtype else None)
+        return LlamaChatModel(model, tiny.tokenizer, tiny.plan)
     from agent_runtime.models.llama.registry import default_data_dir
     from agent_runtime.models.loader import load_model
 
@@ -165,7 +171,8 @@ def _load(args: argparse.Namespace, dtype: str) -> Any:
         memory_k=args.memory_k,
         memory_window=args.memory_window,
         device=args.device,
-        dtype=dtype,
+        dtype=dtype.split("+")[0],
+        vector_dtype=dtype.split("+")[1] if "+" in dtype else "none",
     )
     engine.validate()
     return load_model(engine, args.data_dir or default_data_dir())
@@ -214,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         type=_dtypes,
-        default=["float32"],
-        help="weight/activation dtypes to compare (float32, bfloat16, float16; comma-separated; "
-        "the first is the accuracy reference); default float32",
+        default=["float32", "float32+float16"],
+        help="weight/activation dtypes to compare, comma-separated: float32, bfloat16, "
+        "float16, or float32+float16 (float32 with float16 copies for one-token steps: "
+        "engine.vector_dtype); the first is the accuracy reference; default "
+        "float32,float32+float16",
     )
     parser.add_argument("--memory-k", type=int, default=32)
     parser.add_argument("--memory-window", type=int, default=512)

@@ -64,6 +64,8 @@ def _load_pretrained(config: EngineConfig, data_dir: Path) -> ChatModel[Any]:
     source = load_pretrained(config.model, data_dir, dtype=dtype)
     model = LlamaModel.from_state_dict(source.config, source.state_dict, dtype=dtype)
     model = model.to(config.device)
+    vector = config.vector_weights()
+    model.use_vector_weights(None if vector is None else getattr(torch, vector))
     plan = MemoryPlan(
         layers=config.memory_layer_indices(source.config.num_layers),
         window=config.memory_window,

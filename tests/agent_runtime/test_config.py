@@ -49,6 +49,7 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
         ([], {"AGENT_RUNTIME_REDIS_URL": "http://x"}, "store.redis_url", "http://x"),
         (["--engine-device", "tpu"], {}, "engine.device", "tpu"),
         (["--privacy-accountant", "gdp"], {}, "privacy.accountant", "gdp"),
+        (["--engine-vector-dtype", "int8"], {}, "engine.vector_dtype", "int8"),
     ],
 )
 def test_invalid_values_name_the_setting_and_the_value(
@@ -124,3 +125,14 @@ def test_readme_configuration_table_is_current() -> None:
     start = readme.index("<!-- config-table")
     block = readme[readme.index("\n", start) + 1 : readme.index("<!-- /config-table -->")].strip()
     assert block == markdown_table(), "regenerate with: agent-runtime config --markdown"
+
+
+def test_vector_weights_default_to_float16_only_for_a_float32_model_on_a_cpu() -> None:
+    from agent_runtime.config import EngineConfig
+
+    assert EngineConfig().vector_weights() == "float16"  # serving's default on a CPU
+    assert EngineConfig(device="cuda").vector_weights() is None
+    assert EngineConfig(dtype="float16").vector_weights() is None
+    assert EngineConfig(vector_dtype="none").vector_weights() is None
+    assert EngineConfig(vector_dtype="bfloat16").vector_weights() == "bfloat16"
+    assert EngineConfig(dtype="bfloat16", vector_dtype="bfloat16").vector_weights() is None

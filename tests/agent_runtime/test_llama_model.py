@@ -314,3 +314,34 @@ def test_shard_missing_from_an_index_is_named(tmp_path: Path) -> None:
     (tmp_path / shard).unlink()
     with pytest.raises(CheckpointError, match=re.escape(f"{shard}: missing")):
         load_hf_dir(tmp_path)
+
+
+def test_one_row_steps_use_the_half_precision_copy_and_every_other_step_the_weights() -> None:
+    """``use_vector_weights``: a (1, 1) step reads the float16 copies (close to float32, not
+    equal), a step of several rows reads the float32 weights (bitwise the plain model's), an
+    overflowing half-precision product falls back, and the copies never reach the state dict."""
+    from agent_runtime.models.llama.model import Linear
+
+    cfg = LlamaConfig.from_hf({**BASE, "model_type": "llama", "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    plain = LlamaModel(cfg).eval()
+    fast = LlamaModel.from_state_dict(cfg, plain.state_dict())
+    fast.use_vector_weights(torch.float16)
+    assert fast.vector_dtype == torch.float16 and plain.vector_dtype is None
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    one = torch.randint(0, VOCAB, (1, 1))
+    many = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(many), plain(many), atol=0, rtol=0)
+        a, b = fast(one), plain(one)
+        assert a.dtype == torch.float32 and not torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+        layer = Linear(4, 2, bias=True)
+        layer.weight.fill_(1.0)
+        layer.vector_weight = layer.weight.detach().half()
+        big = torch.full((1, 4), 3e4)  # 1.2e5 per output: past float16's 65504
+        torch.testing.assert_close(layer(big), torch.full((1, 2), 1.2e5) + layer.bias)
+    fast.use_vector_weights(None)
+    assert fast.vector_dtype is None
+    with torch.no_grad():
+        torch.testing.assert_close(fast(one), b, atol=0, rtol=0)

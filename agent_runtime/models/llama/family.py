@@ -126,8 +126,13 @@ class LlamaChatModel:
     def describe(self) -> str:
         cfg, plan = self.model.cfg, self.plan
         layers = "all" if len(plan.layers) == cfg.num_layers else ",".join(map(str, plan.layers))
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        vector = self.model.vector_dtype
+        if vector is not None:
+            dtype += f", one-token steps in {str(vector).removeprefix('torch.')}"
         return (
             f"{cfg.model_type} {self.weights_id} ({self.model.num_params() / 1e6:.0f}M parameters, "
+            f"{dtype}, "
             f"{cfg.num_layers} layers; memory layers {layers or 'none'}, window {plan.window}, "
             f"k {plan.k}, span {plan.span}, sink {plan.sink}{', exact' if plan.exact else ''}) from {self.source}"
         )

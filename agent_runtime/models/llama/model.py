@@ -31,6 +31,7 @@ __all__ = [
     "Attention",
     "Decoder",
     "DecoderLayer",
+    "Linear",
     "LlamaModel",
     "RMSNorm",
     "apply_rope",
@@ -123,6 +124,34 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tenso
 # Layers
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` with an optional second, half-precision copy of its weight for one row.
+
+    On CPUs without half-precision matrix units, a float16 matrix-*vector* product is ~1.7x
+    faster than float32 (half the bytes to read), while float16 matrix products of several
+    rows are 2-5x *slower* (measured: ``agent-runtime bench model --dtype``). So a step that
+    computes one row (one session decoding one token) reads ``vector_weight``, and every other
+    call (prefill, batched decode) the full-precision ``weight``. Activations stay in the
+    model's dtype: only the product's input and output are rounded. A product that overflows
+    half precision (not finite) is computed again with ``weight``. ``vector_weight`` is a plain
+    attribute: never in the state dict.
+    """
+
+    vector_weight: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _linear(x, self.weight, self.bias, self.vector_weight)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, vector: Tensor | None) -> Tensor:
+    if vector is not None and x.numel() == x.shape[-1]:  # one row
+        y = F.linear(x.to(vector.dtype), vector)
+        if bool(torch.isfinite(y).all()):
+            y = y.to(x.dtype)
+            return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 class Attention(nn.Module):
     """The four projections of a self-attention block (named as in HF's ``self_attn``).
 
@@ -133,10 +162,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
 
 
 class MLP(nn.Module):
@@ -144,9 +173,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         y: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -229,6 +258,7 @@ class LlamaModel(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+        self.vector_head: Tensor | None = None  # the head's weight for one row (see Linear)
 
     @classmethod
     def from_state_dict(
@@ -300,7 +330,21 @@ class LlamaModel(nn.Module):
         """Final norm and output projection: hidden (B, T, hidden) -> logits (B, T, vocab)."""
         h = self.model.norm(x)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        return _linear(h, weight, None, self.vector_head)
+
+    def use_vector_weights(self, dtype: torch.dtype | None) -> None:
+        """Give every projection and the head a ``dtype`` copy of its weight for steps of one
+        row (:class:`Linear`; +2 bytes per parameter for float16), or drop the copies (None)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.vector_weight = None if dtype is None else module.weight.detach().to(dtype)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.vector_head = None if dtype is None else weight.detach().to(dtype)
+
+    @property
+    def vector_dtype(self) -> torch.dtype | None:
+        """The dtype of the one-row weight copies (None: there are none)."""
+        return None if self.vector_head is None else self.vector_head.dtype
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab) of tokens (B, T) with full causal attention over the sequence.

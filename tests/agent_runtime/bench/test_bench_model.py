@@ -12,9 +12,8 @@ from agent_runtime.bench.model import main
 
 def test_quick_run_reports_decode_batching_prefill_and_bytes_per_token(tmp_path: Path) -> None:
     out = tmp_path / "model.json"
-    assert (
-        main(["--quick", "--repeats", "1", "--memory-layers", "all", "0", "--json", str(out)]) == 0
-    )
+    argv = ["--quick", "--repeats", "1", "--memory-layers", "all", "0", "--dtype", "float32"]
+    assert main([*argv, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     decode = result["decode"]  # exact (flat) and serving's default (auto), side by side
     assert [(r["index"], r["bank_entries"]) for r in decode] == [
