@@ -84,22 +84,26 @@ def _full_window_state(chat: Any, position: int, seed: int) -> Any:
     return state
 
 
-def _decode_rate(chat: Any, banks: list[Any], steps: int, repeats: int) -> float:
-    """Tokens/s of ``len(banks)`` sessions decoded together (median of ``repeats`` rounds)."""
-    states = [_full_window_state(chat, len(b), i) for i, b in enumerate(banks)]
+def _decode_rates(chats: list[Any], banks: list[Any], steps: int, repeats: int) -> list[float]:
+    """Tokens/s of ``len(banks)`` sessions decoded together by each of ``chats`` (median of
+    ``repeats`` rounds). The chats' rounds alternate, so a slow moment of a shared machine
+    falls on all of them alike and their ratios hold."""
+    states = [[_full_window_state(c, len(b), i) for i, b in enumerate(banks)] for c in chats]
     tokens = [11] * len(banks)
-    chat.decode(states, tokens, banks)  # warm-up
-    rates = []
+    for chat, st in zip(chats, states, strict=True):
+        chat.decode(st, tokens, banks)  # warm-up
+    rates: list[list[float]] = [[] for _ in chats]
     for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(steps):
-            chat.decode(states, tokens, banks)
-        rates.append(len(banks) * steps / (time.perf_counter() - started))
-        for s in states:  # stay below the next block boundary: no writes in the timing
-            s.position -= steps
-            s.k = [t[:-steps] for t in s.k]
-            s.v = [t[:-steps] for t in s.v]
-    return statistics.median(rates)
+        for chat, st, out in zip(chats, states, rates, strict=True):
+            started = time.perf_counter()
+            for _ in range(steps):
+                chat.decode(st, tokens, banks)
+            out.append(len(banks) * steps / (time.perf_counter() - started))
+            for s in st:  # stay below the next block boundary: no writes in the timing
+                s.position -= steps
+                s.k = [t[:-steps] for t in s.k]
+                s.v = [t[:-steps] for t in s.v]
+    return [statistics.median(r) for r in rates]
 
 
 def _prefill_rate(chat: Any, tokens: int, repeats: int) -> float:
@@ -243,33 +247,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "dtypes": args.dtype}
-    out["decode"], out["batching"], out["prefill"], out["accuracy"] = [], [], [], []
-    reference: torch.Tensor | None = None
-    for n, dtype in enumerate(args.dtype):
-        chat = _load(args, dtype)
-        out.setdefault("model", chat.describe())
-        label = f"{dtype}, " if len(args.dtype) > 1 else ""
-        _time_one_dtype(args, chat, dtype, label, out)
-        if len(args.dtype) > 1:
-            tokens = chat.encode_text(_AGREEMENT_TEXT)[: 64 if args.quick else 512]
+    chats = [_load(args, dtype) for dtype in args.dtype]
+    out: dict[str, Any] = {
+        "model": chats[0].describe(),
+        "torch_threads": torch.get_num_threads(),
+        "dtypes": args.dtype,
+    }
+    _time_dtypes(args, chats, out)
+    out["accuracy"] = []
+    if len(chats) > 1:
+        tokens = chats[0].encode_text(_AGREEMENT_TEXT)[: 64 if args.quick else 512]
+        reference = _agreement(chats[0], tokens, None)["logits"]
+        for dtype, chat in zip(args.dtype[1:], chats[1:], strict=True):
             agreement = _agreement(chat, tokens, reference)
-            if n == 0:
-                reference = agreement["logits"]
-            else:
-                del agreement["logits"]
-                agreement.update(dtype=dtype, reference=args.dtype[0])
-                out["accuracy"].append(agreement)
-                print(
-                    f"accuracy, {dtype} vs {args.dtype[0]} ({len(tokens)} tokens): KL "
-                    f"{agreement['kl_mean']:.2e}, top-1 agreement "
-                    f"{agreement['top1_agreement']:.1%}, max |logit diff| "
-                    f"{agreement['max_abs_logit_diff']:.3f}",
-                    file=sys.stderr,
-                )
-        if n == 0:
-            out["bytes_per_token"] = _bytes_per_token(args, chat)
-        del chat
+            del agreement["logits"]
+            agreement.update(dtype=dtype, reference=args.dtype[0])
+            out["accuracy"].append(agreement)
+            print(
+                f"accuracy, {dtype} vs {args.dtype[0]} ({len(tokens)} tokens, one at a time): KL "
+                f"{agreement['kl_mean']:.2e}, top-1 agreement "
+                f"{agreement['top1_agreement']:.1%}, max |logit diff| "
+                f"{agreement['max_abs_logit_diff']:.3f}",
+                file=sys.stderr,
+            )
+    out["bytes_per_token"] = _bytes_per_token(args, chats[0])
     if SWITCHES:
         out["ivf_switch_s"] = statistics.median(SWITCHES)
         print(f"moving a bank's parts to IVF: {out['ivf_switch_s']:.2f} s (once per session)",
@@ -281,56 +282,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _time_one_dtype(
-    args: argparse.Namespace, chat: Any, dtype: str, label: str, out: dict[str, Any]
-) -> None:
-    """Decode, batching and prefill speeds of one dtype, appended to ``out``'s lists."""
+def _time_dtypes(args: argparse.Namespace, chats: list[Any], out: dict[str, Any]) -> None:
+    """Decode, batching and prefill speeds of every dtype (one bank set, rounds alternating)."""
     sizes = args.bank_sizes or ([0, 512, 2048] if args.quick else [0, 16384, 65536])
     batch_bank = (args.batch_bank or [512 if args.quick else 16384])[0]
     steps = args.steps or (4 if args.quick else 16)
     prefill_tokens = args.prefill_tokens or (64 if args.quick else 1024)
     threshold = 1024 if args.quick else 0  # quick banks are small: let them switch too
+
+    def label(dtype: str) -> str:
+        return f"{dtype}, " if len(chats) > 1 else ""
+
     decode = []
     for index in args.index:
         for size in sizes:
-            bank = _bank(chat, size, "fp32", 0, index, threshold)
-            rate = _decode_rate(chat, [bank], steps, args.repeats)
+            bank = _bank(chats[0], size, "fp32", 0, index, threshold)
             kind = bank.stats().index
-            decode.append({
-                "dtype": dtype, "index": index, "bank_index": kind, "bank_entries": size,
-                "tokens_per_s": rate,
-            })  # fmt: skip
-            print(f"decode, {label}{index} ({kind}), bank {size:>7}: {rate:7.2f} tok/s",
-                  file=sys.stderr, flush=True)  # fmt: skip
-    empty = {r["index"]: r["tokens_per_s"] for r in decode if r["bank_entries"] == sizes[0]}
+            rates = _decode_rates(chats, [bank], steps, args.repeats)
+            for dtype, rate in zip(args.dtype, rates, strict=True):
+                decode.append({
+                    "dtype": dtype, "index": index, "bank_index": kind, "bank_entries": size,
+                    "tokens_per_s": rate,
+                })  # fmt: skip
+                print(f"decode, {label(dtype)}{index} ({kind}), bank {size:>7}: {rate:7.2f} "
+                      "tok/s", file=sys.stderr, flush=True)  # fmt: skip
+    empty = {
+        (r["dtype"], r["index"]): r["tokens_per_s"] for r in decode if r["bank_entries"] == sizes[0]
+    }
     for row in decode:
-        row["ratio_to_empty"] = row["tokens_per_s"] / empty[row["index"]]
-    out["decode"] += decode
+        row["ratio_to_empty"] = row["tokens_per_s"] / empty[row["dtype"], row["index"]]
+    out["decode"] = decode
 
+    out["batching"] = []
     for index in args.index:
-        one = _decode_rate(
-            chat, [_bank(chat, batch_bank, "fp32", 0, index, threshold)], steps, args.repeats
-        )
-        banks = [_bank(chat, batch_bank, "fp32", i, index, threshold) for i in range(args.batch)]
-        many = _decode_rate(chat, banks, steps, args.repeats)
-        out["batching"].append({
-            "dtype": dtype,
-            "index": index,
-            "sessions": args.batch,
-            "bank_entries": batch_bank,
-            "one_tokens_per_s": one,
-            "batched_tokens_per_s": many,
-            "ratio": many / one,
-        })  # fmt: skip
-        print(
-            f"batching, {label}{index}: 1 -> {one:.2f} tok/s, {args.batch} -> {many:.2f} tok/s "
-            f"({many / one:.2f}x)",
-            file=sys.stderr,
-        )
+        first = _bank(chats[0], batch_bank, "fp32", 0, index, threshold)
+        ones = _decode_rates(chats, [first], steps, args.repeats)
+        banks = [first] + [
+            _bank(chats[0], batch_bank, "fp32", i, index, threshold) for i in range(1, args.batch)
+        ]
+        manys = _decode_rates(chats, banks, steps, args.repeats)
+        for dtype, one, many in zip(args.dtype, ones, manys, strict=True):
+            out["batching"].append({
+                "dtype": dtype,
+                "index": index,
+                "sessions": args.batch,
+                "bank_entries": batch_bank,
+                "one_tokens_per_s": one,
+                "batched_tokens_per_s": many,
+                "ratio": many / one,
+            })  # fmt: skip
+            print(
+                f"batching, {label(dtype)}{index}: 1 -> {one:.2f} tok/s, {args.batch} -> "
+                f"{many:.2f} tok/s ({many / one:.2f}x)",
+                file=sys.stderr,
+            )
 
-    rate = _prefill_rate(chat, prefill_tokens, max(1, args.repeats // 2))
-    out["prefill"].append({"dtype": dtype, "tokens": prefill_tokens, "tokens_per_s": rate})
-    print(f"prefill, {label.rstrip(', ') or dtype}: {rate:.1f} tok/s", file=sys.stderr)
+    out["prefill"] = []
+    for dtype, chat in zip(args.dtype, chats, strict=True):
+        rate = _prefill_rate(chat, prefill_tokens, max(1, args.repeats // 2))
+        out["prefill"].append({"dtype": dtype, "tokens": prefill_tokens, "tokens_per_s": rate})
+        print(f"prefill, {dtype}: {rate:.1f} tok/s", file=sys.stderr)
 
 
 def _bytes_per_token(args: argparse.Namespace, chat: Any) -> list[dict[str, Any]]:
