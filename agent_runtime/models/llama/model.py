@@ -145,9 +145,8 @@ class Linear(nn.Linear):
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, vector: Tensor | None) -> Tensor:
     if vector is not None and x.numel() == x.shape[-1]:  # one row
-        y = F.linear(x.to(vector.dtype), vector)
-        if bool(torch.isfinite(y).all()):
-            y = y.to(x.dtype)
+        y = F.linear(x.to(vector.dtype), vector).to(x.dtype)
+        if math.isfinite(float(y.sum())):  # an inf or NaN anywhere makes the sum one (one pass)
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
