@@ -22,8 +22,8 @@ In-process, through the model seam (what the engine calls), one run compares:
 Banks are filled with random entries of the model's dims (a search costs the same whatever
 the keys hold); the window is full, as in a long conversation. ``--quick`` runs a random
 tiny Llama (CI); a real run takes ``--model`` (default ``smollm2-135m-instruct``, pulled once).
-Speeds are medians of ``--repeats`` timed rounds after one warm-up; compare ratios, not
-absolute figures, on a shared machine.
+Speeds are medians of ``--repeats`` timed rounds after one warm-up, the dtypes' rounds
+alternating on the same banks; compare ratios, not absolute figures, on a shared machine.
 """
 
 from __future__ import annotations
