@@ -174,13 +174,18 @@ class RedisClusterServers(_Group):
     """A Redis Cluster on loopback: ``masters`` primaries sharing the 16384 slots, each with
     ``replicas`` replicas, a 1 s node timeout (a dead primary's replica takes over in ~2 s).
 
-    ``with RedisClusterServers(tmp, 3) as rc: rc.url`` is ``redis+cluster://host:port,...``."""
+    ``with RedisClusterServers(tmp, 3) as rc: rc.url`` is ``redis+cluster://host:port,...``.
+    ``full_coverage=False`` lets the primaries that live answer while another's slots have no
+    server (Redis's ``cluster-require-full-coverage no``)."""
 
     SLOTS = 16384
 
-    def __init__(self, root: Path, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self, root: Path, masters: int = 3, replicas: int = 0, *, full_coverage: bool = True
+    ) -> None:
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "1000")  # fmt: skip
+                "--cluster-node-timeout", "1000",
+                "--cluster-require-full-coverage", "yes" if full_coverage else "no")  # fmt: skip
         self.servers = [
             RedisServer(root / f"redis{i}", port=free_cluster_port(), args=args)
             for i in range(masters * (1 + replicas))

@@ -167,8 +167,10 @@ class Leases:
 
     async def renew(self, leases: list[Lease]) -> list[int]:
         """Renew many leases in one round trip; per lease 1 (renewed), 2 (re-established after
-        Redis lost it) or 0 (lost). A renewed lease's ``valid_until`` moves on. Raises
-        :class:`StoreError` when Redis does not answer (the leases keep their deadlines)."""
+        Redis lost it), 0 (lost) or -1 (its Redis primary did not answer; on a Redis Cluster
+        the leases on the primaries that did answer are still renewed). A renewed lease's
+        ``valid_until`` moves on. Raises :class:`StoreError` when Redis does not answer at all
+        (the leases keep their deadlines)."""
         if not leases:
             return []
         sent = time.monotonic()
@@ -183,10 +185,48 @@ class Leases:
                               lease.value, ttl_ms, lease.token)  # fmt: skip
                 results = [int(r) for r in await pipe.execute()]
         except RedisError as exc:
-            raise StoreError(f"cannot renew session leases: {exc}") from exc
+            if not self.store.clustered or len(leases) == 1:
+                raise StoreError(f"cannot renew session leases: {exc}") from exc
+            # A Cluster pipeline fails whole when one primary is down (until its replica takes
+            # the slots over): renew lease by lease, so only the dead primary's leases age.
+            results = await self._renew_each(leases, ttl_ms)
+            if all(r < 0 for r in results):
+                raise StoreError(f"cannot renew session leases: {exc}") from exc
+            log.warning("renewed %d of %d session leases lease by lease: a Redis primary did "
+                        "not answer: %s", sum(r >= 0 for r in results), len(leases), str(exc))  # fmt: skip
         for lease, result in zip(leases, results, strict=True):
-            if result:
+            if result > 0:
                 lease.valid_until = sent + self.ttl_s
+        return results
+
+    async def _renew_each(self, leases: list[Lease], ttl_ms: int) -> list[int]:
+        """Renew primary by primary (one script for the first lease, then one pipeline for the
+        rest), one primary after another: -1 for the leases of a primary that does not answer.
+        (Concurrent commands to a dead node make redis-py leak the connections it replaces.)"""
+        redis = self.store.redis
+        groups: dict[str, list[int]] = {}
+        for i, lease in enumerate(leases):
+            try:
+                name = redis.get_node_from_key(self._keys(lease.session_id)[0]).name  # type: ignore[union-attr]
+            except Exception:  # a slot no primary serves right now
+                name = ""
+            groups.setdefault(name, []).append(i)
+        results = [-1] * len(leases)
+        for members in groups.values():
+            first, rest = leases[members[0]], [leases[i] for i in members[1:]]
+            try:
+                results[members[0]] = int(await redis.eval(
+                    _RENEW, 2, *self._keys(first.session_id), first.value, ttl_ms, first.token
+                ))  # fmt: skip
+                if rest:
+                    async with redis.pipeline(transaction=False) as pipe:
+                        for lease in rest:
+                            pipe.eval(_RENEW, 2, *self._keys(lease.session_id),
+                                      lease.value, ttl_ms, lease.token)  # fmt: skip
+                        for i, result in zip(members[1:], await pipe.execute(), strict=True):
+                            results[i] = int(result)
+            except RedisError:
+                continue
         return results
 
     async def release(self, lease: Lease) -> None:

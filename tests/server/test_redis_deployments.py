@@ -14,6 +14,7 @@ redis-py client by ``store.redis_url`` (``redis+cluster://`` / ``redis+sentinel:
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from agent_runtime.bench.cluster import (
 )
 from agent_runtime.client.agent import AgentClient
 from agent_runtime.config import StoreConfig
-from agent_runtime.errors import RemoteError
+from agent_runtime.errors import DisconnectedError, RemoteError
 from agent_runtime.sessions.ownership import Lease, Leases, Owner
 from agent_runtime.sessions.store import SessionMeta, SessionStore
 from privacy.tenants import RedisUsedTickets
@@ -62,8 +63,11 @@ async def create_when_healed(url: str, deadline: float) -> list[str]:
             await asyncio.sleep(0.3)
 
 
+# redis-py (8.1) leaks the connections of the ClusterNode objects it replaces after a primary
+# dies (redis/redis-py#3572, #4053): their finalizers warn. Collected here, not in a later test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_store_leases_and_tickets_work_on_a_redis_cluster(tmp_path: Path) -> None:
-    with RedisClusterServers(tmp_path, masters=3) as rc:
+    with RedisClusterServers(tmp_path, masters=3, full_coverage=False) as rc:
 
         async def body() -> None:
             config = StoreConfig(data_dir="/nonexistent", redis_url=rc.url, key_prefix="t")
@@ -101,8 +105,23 @@ def test_store_leases_and_tickets_work_on_a_redis_cluster(tmp_path: Path) -> Non
                 assert await leases.renew(held[:2]) == [2, 2]
                 await store.update("sess_00", tenant="tenant0", turns=1)
                 assert "sess_00" in await store.tenant_sessions("tenant0")
+                # one primary dies (no replica): the leases on the others are still renewed
+                victim = rc.primary_ports()[1]
+                next(s for s in rc.servers if s.port == victim).stop(signal.SIGKILL)
+                results = await leases.renew(held[:20])
+                alive = rc.primary_ports()
+                for lease, result in zip(held[:20], results, strict=True):
+                    slot = redis_command(
+                        alive[0], "CLUSTER", "KEYSLOT", leases._keys(lease.session_id)[0]
+                    )
+                    on_alive = any(
+                        int(redis_command(p, "CLUSTER", "COUNTKEYSINSLOT", slot)) for p in alive
+                    )  # type: ignore[call-overload]
+                    assert (result > 0) == on_alive, (lease.session_id, result)
+                assert -1 in results and max(results) > 0, results
 
         run(body())
+        gc.collect()
 
 
 def test_nodes_on_a_redis_cluster_survive_a_redis_primary_and_a_node_dying(
@@ -110,19 +129,40 @@ def test_nodes_on_a_redis_cluster_survive_a_redis_primary_and_a_node_dying(
 ) -> None:
     with (
         RedisClusterServers(tmp_path / "rc", masters=3, replicas=1) as rc,
-        Cluster(tmp_path, 2, lease_ttl_s=TTL, redis=rc) as cluster,
+        Cluster(tmp_path, 2, lease_ttl_s=2 * TTL, redis=rc) as cluster,
     ):
+
+        async def served_through_failover(k: int, sid: str, text: str) -> None:
+            """A turn while a Redis primary is down. Leases on the other primaries are renewed
+            throughout; one on the dead primary may outlive its TTL if the replica is slow to
+            take over, and then its node must stop serving it (and say so): the client resumes
+            and the turn goes through, with every acknowledged turn kept."""
+            try:
+                await turn(clients[k], text)
+                return
+            except (DisconnectedError, RemoteError) as exc:
+                failure = repr(exc)
+            why = f"session {sid}: stopped serving it here: its lease expired while Redis"
+            assert why in cluster.log_text(), failure  # only a lost lease may end a session
+            dropped.append(sid)
+            last_seq = clients[k].last_seq
+            await clients[k].aclose()
+            clients[k], info = await resumed(cluster.urls, sid, last_seq)
+            assert info.turns == 1
+            await turn(clients[k], text)
+
+        clients: list[AgentClient] = []
+        dropped: list[str] = []
 
         async def body() -> None:
             sessions: dict[str, int] = {}
-            clients = []
             for i in range(6):  # sessions on both nodes, their keys in every slot range
                 client = AgentClient(cluster.node(i % 2).url)
+                clients.append(client)
                 await client.connect()
                 sid = await client.create_session()
                 await turn(client, f"My locker number is {i}{i}.")
                 sessions[sid] = i % 2
-                clients.append(client)
             # reached through the other node: redirected to the owner (the new connection
             # takes the session over from the first)
             for k, (sid, owner) in enumerate(sessions.items()):
@@ -133,8 +173,8 @@ def test_nodes_on_a_redis_cluster_survive_a_redis_primary_and_a_node_dying(
             victim = rc.primary_ports()[0]
             next(s for s in rc.servers if s.port == victim).stop(signal.SIGKILL)
             killed = time.monotonic()
-            for client in clients:  # every owned session keeps being served throughout
-                await turn(client, "I park on level three.")
+            for k, sid in enumerate(sessions):  # every owned session keeps being served
+                await served_through_failover(k, sid, "I park on level three.")
             deadline = time.monotonic() + 30
             while len(rc.primary_ports()) < 3:
                 assert time.monotonic() < deadline, "no replica took over"
@@ -142,19 +182,26 @@ def test_nodes_on_a_redis_cluster_survive_a_redis_primary_and_a_node_dying(
             refusals = await create_when_healed(cluster.node(0).url, deadline)
             assert set(refusals) <= {"store_unavailable"}, refusals
             print(f"Redis Cluster failover: new sessions again {time.monotonic() - killed:.1f} s"
-                  f" after the primary's kill ({len(refusals)} refusals)")  # fmt: skip
+                  f" after the primary's kill ({len(refusals)} refusals; sessions dropped"
+                  f" for a lease that outlived its TTL: {len(dropped)})")  # fmt: skip
             # then node 0 dies: its sessions move to node 1 once their leases expire
             seen = {sid: c.last_seq for sid, c in zip(sessions, clients, strict=True)}
             cluster.kill(0)
             for client in clients:
                 await client.aclose()
-            for sid in sessions:
-                c, info = await resumed(cluster.urls, sid, seen[sid])
-                assert info.turns == 2 and c.url == cluster.node(1).url
-                await turn(c, "Where do I park?")
-                await c.aclose()
+            for k, sid in enumerate(sessions):
+                clients[k], info = await resumed(cluster.urls, sid, seen[sid])
+                assert info.turns == 2 and clients[k].url == cluster.node(1).url
+                await turn(clients[k], "Where do I park?")
 
-        run_showing_logs(cluster, body())
+        async def closing_clients() -> None:
+            try:
+                await body()
+            finally:
+                for client in clients:
+                    await client.aclose()
+
+        run_showing_logs(cluster, closing_clients())
 
 
 def test_a_sentinel_failover_under_load_loses_nothing(tmp_path: Path) -> None:
