@@ -141,7 +141,7 @@ class EngineConfig:
     dtype: str = "float32"
     """Weights and activations of a pretrained decoder: ``float32``, ``bfloat16`` or ``float16``."""
     vector_dtype: str = "auto"
-    """A second copy of a pretrained decoder's weights for steps of one token (one session decoding), where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16``."""
+    """A second copy of a pretrained decoder's weights for steps of one token (one session decoding), where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16`` (these two on a CPU only)."""
     memory_layers: str = "all"
     """Layers of a pretrained decoder that read and write the kNN memory: ``all``, ``none`` or indices (``4,8,12``)."""
     memory_window: int = 512
@@ -184,6 +184,13 @@ class EngineConfig:
         if self.vector_dtype not in ("auto", "none", "float16", "bfloat16"):
             raise ConfigError(
                 "engine.vector_dtype", self.vector_dtype, "must be auto, none, float16 or bfloat16"
+            )
+        if self.device != "cpu" and self.vector_dtype not in ("auto", "none", self.dtype):
+            raise ConfigError(
+                "engine.vector_dtype",
+                self.vector_dtype,
+                f"is for a CPU only (on {self.device}, set engine.dtype instead: a second copy of"
+                " the weights there costs memory and gains nothing)",
             )
         self.memory_layer_indices(None)
         ConfigError.check_positive("engine.memory_block", self.memory_block)

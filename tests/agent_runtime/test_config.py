@@ -50,6 +50,12 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
         (["--engine-device", "tpu"], {}, "engine.device", "tpu"),
         (["--privacy-accountant", "gdp"], {}, "privacy.accountant", "gdp"),
         (["--engine-vector-dtype", "int8"], {}, "engine.vector_dtype", "int8"),
+        (
+            ["--engine-device", "cuda", "--engine-vector-dtype", "float16"],
+            {},
+            "engine.vector_dtype",
+            "float16",
+        ),
     ],
 )
 def test_invalid_values_name_the_setting_and_the_value(
@@ -136,3 +142,5 @@ def test_vector_weights_default_to_float16_only_for_a_float32_model_on_a_cpu() -
     assert EngineConfig(vector_dtype="none").vector_weights() is None
     assert EngineConfig(vector_dtype="bfloat16").vector_weights() == "bfloat16"
     assert EngineConfig(dtype="bfloat16", vector_dtype="bfloat16").vector_weights() is None
+    EngineConfig(device="cuda", vector_dtype="auto").validate()  # auto and none stay valid
+    EngineConfig(device="cuda:1", vector_dtype="none").validate()

@@ -333,7 +333,11 @@ class LlamaModel(nn.Module):
 
     def use_vector_weights(self, dtype: torch.dtype | None) -> None:
         """Give every projection and the head a ``dtype`` copy of its weight for steps of one
-        row (:class:`Linear`; +2 bytes per parameter for float16), or drop the copies (None)."""
+        row (:class:`Linear`; +2 bytes per parameter for float16), or drop the copies (None).
+
+        The copies are taken now: code that changes the weights afterwards (loading others,
+        an optimizer step) must call this again, or one-row steps keep computing with the old
+        ones. Serving loads a model once (``models.loader``) and never changes it."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.vector_weight = None if dtype is None else module.weight.detach().to(dtype)
