@@ -295,8 +295,13 @@ class MemoryBank:
             )
         index = self._index
         bitmap = st.bitmap if st.live < index.ntotal else None
-        found = [
-            index.search_part(first + p, queries[p], k, bitmap, self.config.threads)
+        threads = self.config.threads
+        # the keys come back with the search (an IVF part decodes the codes it scanned);
+        # neighbours (span) are other rows, read afterwards
+        found: list[tuple[np.ndarray, ...]] = [
+            index.search_part_with_keys(first + p, queries[p], k, bitmap, threads)
+            if not span
+            else index.search_part(first + p, queries[p], k, bitmap, threads)
             for p in range(P)
         ]
         scores = np.stack([f[0] for f in found])
@@ -308,9 +313,11 @@ class MemoryBank:
         if span:
             rows, mask, scores = self._with_neighbours(rows, mask, scores, span)
             safe = np.where(mask, rows, 0)
+            keys = np.stack([index.part_keys(first + p, safe[p]) for p in range(P)])
+        else:
+            keys = np.stack([f[2] for f in found])
         part_ids = (first + np.arange(P))[:, None, None]
         values = st.values.reshape(-1, self.parts, dv)[safe, part_ids].astype(np.float32)
-        keys = np.stack([index.part_keys(first + p, safe[p]) for p in range(P)])
         values[~mask] = 0.0
         keys[~mask] = 0.0
         return SearchResult(

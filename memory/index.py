@@ -109,6 +109,21 @@ class KeyIndex:
             raise MemoryBankError(f"this key index has one part, not part {part}")
         return self.reconstruct(rows.reshape(-1)).reshape(*rows.shape, self.dim)
 
+    def search_part_with_keys(
+        self, part: int, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if part != 0:
+            raise MemoryBankError(f"this key index has one part, not part {part}")
+        return self.search_with_keys(queries, k, bitmap, threads)
+
+    def search_with_keys(
+        self, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` and the stored keys of the rows found, float32 ``(q, k, dim)``
+        (rows of -1: unspecified values, to be masked by the caller)."""
+        scores, rows = self.search(queries, k, bitmap, threads)
+        return scores, rows, self.part_keys(0, np.maximum(rows, 0))
+
 
 class FlatKeys(KeyIndex):
     """Exact search over ``fp32`` (IndexFlatIP) or ``fp16`` (IndexScalarQuantizer) codes."""
@@ -188,6 +203,7 @@ class IVFKeys(KeyIndex):
         self.index = index
         self.nprobe = nprobe
         self.quantizer: Any = None
+        self._params: tuple[Any, ...] = ()  # (bitmap, ntotal, nprobe, SearchParametersIVF)
 
     @classmethod
     def train(
@@ -247,10 +263,7 @@ class IVFKeys(KeyIndex):
         q = queries.shape[0]
         if q == 0 or k == 0 or self.ntotal == 0:
             return _empty(q, k)
-        sel = (
-            None if bitmap is None else faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
-        )
-        params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        params = self._search_params(bitmap)
         _omp(threads if q >= BATCH_MIN_QUERIES else 1)
         try:
             scores, rows = self.index.search(queries, k, params=params)
@@ -259,6 +272,41 @@ class IVFKeys(KeyIndex):
         finally:
             _omp(1)
         return scores, rows
+
+    def search_with_keys(
+        self, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # FAISS decodes the codes it has just scanned: no direct-map lookup per row (a
+        # separate reconstruct_batch costs ~35 us more per call). It cannot take a selector,
+        # so a bank with dead rows searches and then reconstructs.
+        q = queries.shape[0]
+        if bitmap is not None:
+            return super().search_with_keys(queries, k, bitmap, threads)
+        if q == 0 or k == 0 or self.ntotal == 0:
+            return (*_empty(q, k), np.zeros((q, k, self.dim), np.float32))
+        params = self._search_params(bitmap)
+        _omp(threads if q >= BATCH_MIN_QUERIES else 1)
+        try:
+            scores, rows, keys = self.index.search_and_reconstruct(queries, k, params=params)
+        except RuntimeError as exc:
+            raise MemoryBankError(f"faiss search failed: {exc}") from exc
+        finally:
+            _omp(1)
+        return scores, rows, keys
+
+    def _search_params(self, bitmap: np.ndarray | None) -> Any:
+        """The search's parameters, reused while the bitmap array, row count and nprobe are
+        unchanged (the selector reads the bitmap's memory at search time; the cache holds the
+        array, so its memory cannot be reused by another while the selector points at it, and
+        faiss's wrapper keeps the selector alive with the params)."""
+        cached = self._params
+        ntotal = self.ntotal
+        if cached and cached[0] is bitmap and cached[1] == ntotal and cached[2] == self.nprobe:
+            return cached[3]
+        sel = None if bitmap is None else faiss.IDSelectorBitmap(ntotal, faiss.swig_ptr(bitmap))
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        self._params = (bitmap, ntotal, self.nprobe, params)
+        return params
 
 
 class PartitionedKeys(KeyIndex):
@@ -331,6 +379,16 @@ class PartitionedKeys(KeyIndex):
         self, part: int, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
     ) -> tuple[np.ndarray, np.ndarray]:
         return self.indexes[part].search(queries, k, bitmap, threads)
+
+    def search_part_with_keys(
+        self, part: int, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_part` and the stored keys of the rows found ``(q, k, part_dim)``."""
+        index = self.indexes[part]
+        if isinstance(index, FlatKeys):
+            scores, rows = index.search(queries, k, bitmap, threads)
+            return scores, rows, self.part_keys(part, np.maximum(rows, 0))
+        return index.search_with_keys(queries, k, bitmap, threads)
 
     def nbytes(self) -> int:
         return sum(index.nbytes() for index in self.indexes)

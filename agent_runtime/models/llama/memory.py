@@ -140,16 +140,23 @@ def _search(
     assert res.keys is not None and res.positions is not None
     if not res.mask.any():
         return None, 0
+    # Each row's entries in conversation order (empty slots, position -1, first): entry r of a
+    # row then sits at frame position start - n + r in every row (_attend_row), one RoPE table.
+    order = np.argsort(res.positions, axis=-1, kind="stable")
+    positions = np.take_along_axis(res.positions, order, -1)
+    mask = np.take_along_axis(res.mask, order, -1)
+    keys = np.take_along_axis(res.keys, order[..., None], -2)
+    values = np.take_along_axis(res.values, order[..., None], -2)
     dev, dt = q.device, q.dtype
     shape = (kv, g, T, res.mask.shape[-1])
     return (
         _Retrieved(
-            keys=torch.from_numpy(res.keys).to(dev, dt).view(*shape, D),
-            values=torch.from_numpy(res.values).to(dev, dt).view(*shape, D),
-            positions=torch.from_numpy(res.positions).to(dev).view(shape),
-            mask=torch.from_numpy(res.mask).to(dev).view(shape),
+            keys=torch.from_numpy(keys).to(dev, dt).view(*shape, D),
+            values=torch.from_numpy(values).to(dev, dt).view(*shape, D),
+            positions=torch.from_numpy(positions).to(dev).view(shape),
+            mask=torch.from_numpy(mask).to(dev).view(shape),
         ),
-        int(res.mask.sum()),
+        int(mask.sum()),
     )
 
 
@@ -162,7 +169,8 @@ class RopeTable:
         self.sin = torch.zeros(0)
 
     def at(self, x: Tensor, positions: Tensor) -> Tensor:
-        """RoPE of x (..., D) at integer positions of shape x.shape[:-1]."""
+        """RoPE of x (..., D) at integer positions of shape x.shape[:-1] or broadcastable to
+        it (a (k,) row of positions for x (..., k, D) is one small gather, not one per row)."""
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             size = max(need, 2 * self.cos.shape[0], 1024)
@@ -246,14 +254,14 @@ def _attend_row(
     dev = q.device
     q_pos = torch.arange(state.position, state.position + T, device=dev) - shift
     k_pos = torch.arange(start, state.position + T, device=dev) - shift
-    q_r = rope.at(q, q_pos[:, None].expand(T, H))
+    q_r = rope.at(q, q_pos[:, None])
     # The frame moves only when a block leaves the window, so the window's rotated keys are
     # reused step to step and only the new keys are rotated.
     hit = state.rotated.get(layer)
     if C and hit is not None and hit[0] is state.k[layer] and hit[1] == shift:
-        k_r = _append(hit[2], rope.at(k, k_pos[C:, None].expand(T, kv)), spare)
+        k_r = _append(hit[2], rope.at(k, k_pos[C:, None]), spare)
     else:
-        k_r = rope.at(keys, k_pos[:, None].expand(C + T, kv))
+        k_r = rope.at(keys, k_pos[:, None])
     state.rotated[layer] = (keys, shift, k_r)  # keys becomes the window in _advance
     qg = q_r.view(T, kv, g, D).permute(1, 2, 0, 3).float()  # (kv, g, T, D)
     scale = 1.0 / math.sqrt(D)
@@ -265,7 +273,7 @@ def _attend_row(
     vals_win = values.float().permute(1, 0, 2)  # (kv, C+T, D)
     if n_sink:
         s_pos = torch.arange(n_sink, device=dev)
-        sk = rope.at(state.sink_k[layer][:n_sink], s_pos[:, None].expand(n_sink, kv))
+        sk = rope.at(state.sink_k[layer][:n_sink], s_pos[:, None])
         sinks = _scores(qg, sk.float()) * scale
         win = torch.cat([sinks, win], dim=-1)  # sinks always precede the queries: no mask
         vals_win = torch.cat([state.sink_v[layer][:n_sink].float().permute(1, 0, 2), vals_win], 1)
@@ -275,11 +283,11 @@ def _attend_row(
     else:
         if plan.exact:
             m_pos = mem.positions - shift
+            m_pos = torch.where(mem.mask, m_pos, torch.zeros_like(m_pos))
         else:
-            # original order, packed just before the window
-            rank = torch.argsort(torch.argsort(mem.positions, dim=-1), dim=-1)
-            m_pos = start - n_mem + rank - shift
-        m_pos = torch.where(mem.mask, m_pos, torch.zeros_like(m_pos))
+            # original order (each row is sorted by position: _search), packed just before the
+            # window; the same frame positions for every row (empty slots' are clamped)
+            m_pos = (torch.arange(start - n_mem - shift, start - shift, device=dev)).clamp_min(0)
         mk = rope.at(mem.keys, m_pos).float()  # (kv, g, T, k, D)
         sm = torch.einsum("hgtd,hgtkd->hgtk", qg, mk) * scale
         sm = sm.masked_fill(~mem.mask, float("-inf"))
