@@ -316,8 +316,10 @@ class MemoryBank:
             keys = np.stack([index.part_keys(first + p, safe[p]) for p in range(P)])
         else:
             keys = np.stack([f[2] for f in found])
-        part_ids = (first + np.arange(P))[:, None, None]
-        values = st.values.reshape(-1, self.parts, dv)[safe, part_ids].astype(np.float32)
+        # one flat take (row slot * parts + part): numpy's two-array fancy index is ~10x slower
+        flat = (safe * self.parts + (first + np.arange(P))[:, None, None]).ravel()
+        values = st.values.reshape(-1, dv).take(flat, axis=0).reshape(*safe.shape, dv)
+        values = values.astype(np.float32, copy=False)
         values[~mask] = 0.0
         keys[~mask] = 0.0
         return SearchResult(

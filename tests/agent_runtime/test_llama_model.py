@@ -345,3 +345,50 @@ def test_one_row_steps_use_the_half_precision_copy_and_every_other_step_the_weig
     assert fast.vector_dtype is None
     with torch.no_grad():
         torch.testing.assert_close(fast(one), b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_one_row_projections_equal_the_separate_ones_and_fall_back_on_overflow(
+    bias: bool,
+) -> None:
+    """A one-row step reads q, k, v (and gate, up) through one fused half-precision copy: the
+    same products as each projection's own copy, biases included (Llama's attention_bias and
+    mlp_bias), and full precision when half precision overflows."""
+    cfg = LlamaConfig.from_hf(
+        {**BASE, "model_type": "llama", "attention_bias": bias, "mlp_bias": bias}
+    )
+    torch.manual_seed(1)
+    plain = LlamaModel(cfg).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            if p.dim() == 1 and bias:
+                p.uniform_(-0.5, 0.5)  # biases that change the result
+    fast = LlamaModel.from_state_dict(cfg, plain.state_dict())
+    fast.use_vector_weights(torch.float16)
+    layer, ref = fast.layers[0], plain.layers[0]
+    x = torch.randn(1, 1, cfg.hidden_size)
+
+    def by_hand(lin: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(h.half(), lin.weight.half()).float()
+        return y if lin.bias is None else y + lin.bias
+
+    with torch.no_grad():
+        q, k, v = layer.attention_inputs(x)
+        h = layer.input_layernorm(x)
+        a = ref.self_attn
+        for got, lin in ((q, a.q_proj), (k, a.k_proj), (v, a.v_proj)):
+            torch.testing.assert_close(got.flatten(2), by_hand(lin, h), atol=2e-3, rtol=1e-3)
+        m = ref.mlp
+        want = by_hand(
+            m.down_proj, torch.nn.functional.silu(by_hand(m.gate_proj, h)) * by_hand(m.up_proj, h)
+        )
+        torch.testing.assert_close(layer.mlp(h), want, atol=2e-3, rtol=1e-3)
+        assert not torch.equal(layer.mlp(h), ref.mlp(h))  # it did read the half copies
+        big = x * 1e5  # normed away before q/k/v, so overflow the MLP's products instead
+        torch.testing.assert_close(layer.mlp(big), ref.mlp(big), atol=0, rtol=0)
+        hot = layer.input_layernorm.weight.clone()
+        layer.input_layernorm.weight.fill_(1e5)  # q/k/v inputs past float16's 65504
+        ref.input_layernorm.weight.fill_(1e5)
+        for got, want_ in zip(layer.attention_inputs(x), ref.attention_inputs(x), strict=True):
+            torch.testing.assert_close(got, want_, atol=0, rtol=0)
+        layer.input_layernorm.weight.copy_(hot)

@@ -171,10 +171,13 @@ class RopeTable:
         self.cos = torch.zeros(0)
         self.sin = torch.zeros(0)  # sign-folded: -sin on the first half (rotate-half's minus)
 
-    def at(self, x: Tensor, positions: Tensor) -> Tensor:
+    def at(self, x: Tensor, positions: Tensor, top: int | None = None) -> Tensor:
         """RoPE of x (..., D) at integer positions of shape x.shape[:-1] or broadcastable to
-        it (a (k,) row of positions for x (..., k, D) is one small gather, not one per row)."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
+        it (a (k,) row of positions for x (..., k, D) is one small gather, not one per row).
+        ``top``: the largest position, when the caller knows it (saves a reduction)."""
+        if top is None:
+            top = int(positions.max()) if positions.numel() else -1
+        need = top + 1
         if need > self.cos.shape[0]:
             size = max(need, 2 * self.cos.shape[0], 1024)
             grid = torch.arange(size, device=x.device)[None]
@@ -258,14 +261,14 @@ def _attend_row(
     dev = q.device
     q_pos = torch.arange(state.position, state.position + T, device=dev) - shift
     k_pos = torch.arange(start, state.position + T, device=dev) - shift
-    q_r = rope.at(q, q_pos[:, None])
+    q_r = rope.at(q, q_pos[:, None], state.position + T - 1 - shift)
     # The frame moves only when a block leaves the window, so the window's rotated keys are
     # reused step to step and only the new keys are rotated.
     hit = state.rotated.get(layer)
     if C and hit is not None and hit[0] is state.k[layer] and hit[1] == shift:
-        k_r = _append(hit[2], rope.at(k, k_pos[C:, None]), spare)
+        k_r = _append(hit[2], rope.at(k, k_pos[C:, None], state.position + T - 1 - shift), spare)
     else:
-        k_r = rope.at(keys, k_pos[:, None])
+        k_r = rope.at(keys, k_pos[:, None], state.position + T - 1 - shift)
     state.rotated[layer] = (keys, shift, k_r)  # keys becomes the window in _advance
     qg = q_r.view(T, kv, g, D).permute(1, 2, 0, 3).float()  # (kv, g, T, D)
     scale = 1.0 / math.sqrt(D)
@@ -292,12 +295,17 @@ def _attend_row(
             # original order (each row is sorted by position: _search), packed just before the
             # window; the same frame positions for every row (empty slots' are clamped)
             m_pos = (torch.arange(start - n_mem - shift, start - shift, device=dev)).clamp_min(0)
-        mk = rope.at(mem.keys, m_pos).float()  # (kv, g, T, k, D)
-        sm = torch.einsum("hgtd,hgtkd->hgtk", qg, mk) * scale
+        mk = rope.at(mem.keys, m_pos, None if plan.exact else max(0, start - shift - 1)).float()
+        # (plain products: einsum's planning costs more than these tiny contractions; one
+        # query row multiplies and sums, several use the batched matmul)
+        if T == 1:
+            sm = (mk * qg.unsqueeze(-2)).sum(-1) * scale
+        else:
+            sm = (mk @ qg.unsqueeze(-1)).squeeze(-1) * scale
         sm = sm.masked_fill(~mem.mask, float("-inf"))
         p = torch.softmax(torch.cat([sm, win], dim=-1), dim=-1)
         mem.weights = p[..., :n_mem]
-        out = torch.einsum("hgtk,hgtkd->hgtd", p[..., :n_mem], mem.values.float())
+        out = (p[..., :n_mem].unsqueeze(-2) @ mem.values.float()).squeeze(-2)
         out = out + _mix(p[..., n_mem:], vals_win)
     return out.permute(2, 0, 1, 3).reshape(T, H, D).to(q.dtype), keys, values
 

@@ -145,10 +145,32 @@ class Linear(nn.Linear):
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, vector: Tensor | None) -> Tensor:
     if vector is not None and x.numel() == x.shape[-1]:  # one row
-        y = F.linear(x.to(vector.dtype), vector).to(x.dtype)
-        if math.isfinite(float(y.sum())):  # an inf or NaN anywhere makes the sum one (one pass)
-            return y if bias is None else y + bias
+        y = _one_row(x, vector, bias)
+        if y is not None:
+            return y
     return F.linear(x, weight, bias)
+
+
+def _one_row(x: Tensor, vector: Tensor, bias: Tensor | None) -> Tensor | None:
+    """``x @ vector.T (+ bias)`` in ``vector``'s dtype, back in x's; None if it overflowed."""
+    y = F.linear(x.to(vector.dtype), vector).to(x.dtype)
+    if not math.isfinite(float(y.sum())):  # an inf or NaN anywhere makes the sum one (one pass)
+        return None
+    return y if bias is None else y + bias
+
+
+def _fused(modules: Sequence[nn.Linear], dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """One ``dtype`` weight for several projections of the same input (their outputs side by
+    side), and their biases (None if none has one): one matrix-vector product instead of
+    several for a one-row step."""
+    weight = torch.cat([m.weight.detach() for m in modules]).to(dtype)
+    if all(m.bias is None for m in modules):
+        return weight, None
+    biases = [
+        m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+        for m in modules
+    ]
+    return weight, torch.cat(biases)
 
 
 class Attention(nn.Module):
@@ -165,6 +187,8 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.sizes = (q_dim, kv_dim, kv_dim)
+        self.vector_qkv: tuple[Tensor, Tensor | None] | None = None  # q, k, v fused (one row)
 
 
 class MLP(nn.Module):
@@ -175,8 +199,15 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.vector_gate_up: tuple[Tensor, Tensor | None] | None = None  # fused (one row)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = self.vector_gate_up
+        if fused is not None and x.numel() == x.shape[-1]:
+            both = _one_row(x, *fused)
+            if both is not None:
+                gate, up = both.chunk(2, dim=-1)
+                return cast(Tensor, self.down_proj(F.silu(gate) * up))
         y: Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return y
 
@@ -201,6 +232,15 @@ class DecoderLayer(nn.Module):
         B, T, _ = x.shape
         h = self.input_layernorm(x)
         a = self.self_attn
+        if a.vector_qkv is not None and h.numel() == h.shape[-1]:
+            qkv = _one_row(h, *a.vector_qkv)
+            if qkv is not None:
+                q, k, v = torch.split(qkv, list(a.sizes), dim=-1)
+                return (
+                    q.view(B, T, self.num_heads, self.head_dim),
+                    k.view(B, T, self.num_kv_heads, self.head_dim),
+                    v.view(B, T, self.num_kv_heads, self.head_dim),
+                )
         q = a.q_proj(h).view(B, T, self.num_heads, self.head_dim)
         k = a.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
         v = a.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
@@ -334,12 +374,19 @@ class LlamaModel(nn.Module):
     def use_vector_weights(self, dtype: torch.dtype | None) -> None:
         """Give every projection and the head a ``dtype`` copy of its weight for steps of one
         row (:class:`Linear`; +2 bytes per parameter for float16), or drop the copies (None).
+        The projections of one input are copied side by side (q, k and v; gate and up), so a
+        one-row step reads each group in one matrix-vector product.
 
         The copies are taken now: code that changes the weights afterwards (loading others,
         an optimizer step) must call this again, or one-row steps keep computing with the old
         ones. Serving loads a model once (``models.loader``) and never changes it."""
-        for module in self.modules():
-            if isinstance(module, Linear):
+        for layer in self.layers:  # q/k/v and gate/up: one fused copy each (the same bytes)
+            a, mlp = layer.self_attn, layer.mlp
+            a.vector_qkv = None if dtype is None else _fused((a.q_proj, a.k_proj, a.v_proj), dtype)
+            mlp.vector_gate_up = (
+                None if dtype is None else _fused((mlp.gate_proj, mlp.up_proj), dtype)
+            )
+            for module in (a.o_proj, mlp.down_proj):
                 module.vector_weight = None if dtype is None else module.weight.detach().to(dtype)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.vector_head = None if dtype is None else weight.detach().to(dtype)
