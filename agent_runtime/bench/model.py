@@ -12,6 +12,9 @@ In-process, through the model seam (what the engine calls), one run compares:
 * **prefill** tokens/s of a prompt fed in block-aligned chunks (one memory write per block);
 * **bytes per stored token** of the bank for each ``--memory-layers`` choice and key/value
   storage (fp32, fp16), the figure that decides how long a conversation fits in RAM;
+* with ``--profile``, **where a decode step's time goes** at each bank size (the model's own
+  products, the FAISS searches, the bank's bookkeeping around them, shaping the retrieved
+  entries, the attention, provenance), measured by timing wrappers around those functions;
 * each **``--dtype``** of the weights and activations side by side (``float32,float16``, say;
   ``float32+float16`` is float32 with float16 copies for one-token steps, serving's default
   on a CPU: ``engine.vector_dtype``): the speeds above for each, and what the cheaper types
@@ -29,11 +32,13 @@ alternating on the same banks; compare ratios, not absolute figures, on a shared
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +109,77 @@ def _decode_rates(chats: list[Any], banks: list[Any], steps: int, repeats: int) 
                 s.k = [t[:-steps] for t in s.k]
                 s.v = [t[:-steps] for t in s.v]
     return [statistics.median(r) for r in rates]
+
+
+# (label, module, class name or "", function): the parts of a decode step --profile times.
+_SPLIT = (
+    ("products", "agent_runtime.models.llama.model", "DecoderLayer", "attention_inputs"),
+    ("products", "agent_runtime.models.llama.model", "DecoderLayer", "finish"),
+    ("products", "agent_runtime.models.llama.model", "LlamaModel", "head"),
+    ("attention", "agent_runtime.models.llama.memory", "", "_attend_row"),
+    ("shaping", "agent_runtime.models.llama.memory", "", "_search"),
+    ("bank", "memory.bank", "MemoryBank", "search_parts"),
+    ("faiss", "memory.index", "FlatKeys", "search"),
+    ("faiss", "memory.index", "IVFKeys", "search"),
+    ("faiss", "memory.index", "IVFKeys", "search_with_keys"),
+    ("faiss", "memory.index", "KeyIndex", "part_keys"),
+    ("provenance", "agent_runtime.models.llama.memory", "", "add_mass"),
+)
+SPLIT_PARTS = ("products", "attention", "faiss", "bank", "shaping", "provenance", "other")
+
+
+@contextlib.contextmanager
+def _step_split() -> Iterator[defaultdict[str, float]]:
+    """Seconds spent in each part of :data:`_SPLIT` while the block runs, each part's own time
+    (a part called inside another is taken out of the outer one). The wrappers are removed
+    after; they cost ~1 us per call, which lands in the parts."""
+    import importlib
+
+    spent: defaultdict[str, float] = defaultdict(float)
+    stack: list[list[float]] = []  # per active wrapper: [time spent in wrapped callees]
+    undo = []
+
+    def timed(label: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            stack.append([0.0])
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - began
+                inner = stack.pop()[0]
+                spent[label] += took - inner
+                if stack:
+                    stack[-1][0] += took
+
+        return wrapper
+
+    for label, module_name, cls_name, name in _SPLIT:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, cls_name) if cls_name else module
+        original = owner.__dict__[name]
+        setattr(owner, name, timed(label, original))
+        undo.append((owner, name, original))
+    try:
+        yield spent
+    finally:
+        for owner, name, original in reversed(undo):
+            setattr(owner, name, original)
+
+
+def _split_rates(chat: Any, bank: Any, steps: int) -> dict[str, float]:
+    """Milliseconds per decode step of one session in each part (``other``: the rest)."""
+    state = _full_window_state(chat, len(bank), 0)
+    chat.decode([state], [11], [bank])  # warm-up
+    with _step_split() as spent:
+        began = time.perf_counter()
+        for _ in range(steps):
+            chat.decode([state], [11], [bank])
+        total = time.perf_counter() - began
+    split = {part: 1e3 * spent[part] / steps for part in SPLIT_PARTS[:-1]}
+    split["other"] = 1e3 * total / steps - sum(split.values())
+    split["step"] = 1e3 * total / steps
+    return split
 
 
 def _prefill_rate(chat: Any, tokens: int, repeats: int) -> float:
@@ -204,7 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="a tiny random model, small sizes (CI)"
     )
-    parser.add_argument("--bank-sizes", type=token_counts, default=None, help="default 0,16k,64k")
+    parser.add_argument(
+        "--bank-sizes",
+        type=token_counts,
+        default=None,
+        help="default 0,16384,65536 (16k means 16,000: below memory.part_ann_threshold, exact)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print where a decode step's time goes at each bank size (first dtype)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sessions decoded together")
     parser.add_argument(
         "--batch-bank", type=token_counts, default=None, help="entries per batched bank"
@@ -306,6 +392,15 @@ def _time_dtypes(args: argparse.Namespace, chats: list[Any], out: dict[str, Any]
                 })  # fmt: skip
                 print(f"decode, {label(dtype)}{index} ({kind}), bank {size:>7}: {rate:7.2f} "
                       "tok/s", file=sys.stderr, flush=True)  # fmt: skip
+            if args.profile:
+                split = _split_rates(chats[0], bank, steps * args.repeats)
+                out.setdefault("step_split_ms", []).append(
+                    {"dtype": args.dtype[0], "index": index, "bank_entries": size, **split}
+                )
+                print(f"step split, {label(args.dtype[0])}{index} ({kind}), bank {size:>7}: "
+                      f"{split['step']:.1f} ms = " + ", ".join(
+                          f"{part} {split[part]:.1f}" for part in SPLIT_PARTS
+                      ), file=sys.stderr, flush=True)  # fmt: skip
     empty = {
         (r["dtype"], r["index"]): r["tokens_per_s"] for r in decode if r["bank_entries"] == sizes[0]
     }

@@ -61,3 +61,24 @@ def test_an_unknown_dtype_is_refused_by_name(capsys: pytest.CaptureFixture[str])
         main(["--quick", "--dtype", "float32,int4"])
     assert exc.value.code == 2
     assert "int4: each dtype must be one of float32, bfloat16, float16" in capsys.readouterr().err
+
+
+def test_profile_splits_a_decode_step_into_its_parts_and_restores_the_functions(
+    tmp_path: Path,
+) -> None:
+    import agent_runtime.models.llama.memory as llama_memory
+    from memory.bank import MemoryBank
+
+    before = (llama_memory._attend_row, MemoryBank.search_parts)
+    out = tmp_path / "split.json"
+    argv = ["--quick", "--repeats", "1", "--index", "auto", "--dtype", "float32", "--profile"]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["step_split_ms"]
+    assert [r["bank_entries"] for r in rows] == [0, 512, 2048]
+    for row in rows:
+        parts = [row[p] for p in ("products", "attention", "faiss", "bank", "shaping", "other")]
+        assert row["products"] > 0 and row["attention"] > 0
+        assert abs(sum(parts) + row["provenance"] - row["step"]) < 1e-6 * max(1.0, row["step"])
+    assert rows[0]["faiss"] == rows[0]["bank"] == 0  # an empty bank is never searched
+    assert rows[2]["faiss"] > 0 and rows[2]["bank"] > 0 and rows[2]["shaping"] > 0
+    assert (llama_memory._attend_row, MemoryBank.search_parts) == before  # unpatched after
