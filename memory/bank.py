@@ -86,7 +86,7 @@ class MemoryBank:
         self._evicted_total = 0
         self._pruned_total = 0
         value_dtype = np.dtype(np.float16 if self.config.value_storage == "fp16" else np.float32)
-        self._store = SlotStore(value_dim, value_dtype)
+        self._store = SlotStore(value_dim, value_dtype, reserve=self.config.capacity)
         self._index: KeyIndex = self._new_index()
         self._make_queues()
         self._journal: Journal | None = None  # set by open(): the bank's directory

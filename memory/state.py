@@ -125,7 +125,7 @@ def restore_state(
     arrays = _arrays(state["arrays"])
     value_dtype = np.dtype(np.float16 if config.value_storage == "fp16" else np.float32)
     try:
-        store = SlotStore.from_state(value_dim, value_dtype, arrays)
+        store = SlotStore.from_state(value_dim, value_dtype, arrays, reserve=config.capacity)
     except ValueError as exc:
         raise BankFormatError(f"{_WHAT} arrays are inconsistent: {exc}") from exc
     if arrays["index"].dtype != np.uint8 or arrays["index"].ndim != 1:
