@@ -104,11 +104,17 @@ def _decode_rates(chats: list[Any], banks: list[Any], steps: int, repeats: int) 
             for _ in range(steps):
                 chat.decode(st, tokens, banks)
             out.append(len(banks) * steps / (time.perf_counter() - started))
-            for s in st:  # stay below the next block boundary: no writes in the timing
-                s.position -= steps
-                s.k = [t[:-steps] for t in s.k]
-                s.v = [t[:-steps] for t in s.v]
+            _rewind(st, steps)
     return [statistics.median(r) for r in rates]
+
+
+def _rewind(states: list[Any], steps: int) -> None:
+    """Take the last ``steps`` tokens back out of each window, so that timed rounds stay
+    below the next block boundary: no bank writes in the timing."""
+    for s in states:
+        s.position -= steps
+        s.k = [t[:-steps] for t in s.k]
+        s.v = [t[:-steps] for t in s.v]
 
 
 # (label, module, class name or "", function): the parts of a decode step --profile times.
@@ -167,15 +173,20 @@ def _step_split() -> Iterator[defaultdict[str, float]]:
             setattr(owner, name, original)
 
 
-def _split_rates(chat: Any, bank: Any, steps: int) -> dict[str, float]:
-    """Milliseconds per decode step of one session in each part (``other``: the rest)."""
-    state = _full_window_state(chat, len(bank), 0)
-    chat.decode([state], [11], [bank])  # warm-up
+def _split_rates(chat: Any, bank: Any, steps: int, rounds: int) -> dict[str, float]:
+    """Milliseconds per decode step of one session in each part (``other``: the rest), over
+    ``rounds`` rounds of ``steps`` steps (rewound after each, as the timed rounds are)."""
+    states = [_full_window_state(chat, len(bank), 0)]
+    chat.decode(states, [11], [bank])  # warm-up
+    total = 0.0
     with _step_split() as spent:
-        began = time.perf_counter()
-        for _ in range(steps):
-            chat.decode([state], [11], [bank])
-        total = time.perf_counter() - began
+        for _ in range(rounds):
+            began = time.perf_counter()
+            for _ in range(steps):
+                chat.decode(states, [11], [bank])
+            total += time.perf_counter() - began
+            _rewind(states, steps)
+    steps *= rounds
     split = {part: 1e3 * spent[part] / steps for part in SPLIT_PARTS[:-1]}
     split["other"] = 1e3 * total / steps - sum(split.values())
     split["step"] = 1e3 * total / steps
@@ -393,7 +404,7 @@ def _time_dtypes(args: argparse.Namespace, chats: list[Any], out: dict[str, Any]
                 print(f"decode, {label(dtype)}{index} ({kind}), bank {size:>7}: {rate:7.2f} "
                       "tok/s", file=sys.stderr, flush=True)  # fmt: skip
             if args.profile:
-                split = _split_rates(chats[0], bank, steps * args.repeats)
+                split = _split_rates(chats[0], bank, steps, args.repeats)
                 out.setdefault("step_split_ms", []).append(
                     {"dtype": args.dtype[0], "index": index, "bank_entries": size, **split}
                 )
