@@ -132,8 +132,9 @@ class SlotStore:
         for name in self.ARRAYS:
             old = getattr(self, name)
             if name == "values" and self._reserved is not None:
-                if size <= self._reserved.shape[0]:
-                    self.values = self._reserved[:size]  # the same memory, longer: no copy
+                rows = self._reserved.shape[0]
+                if need <= rows:  # the same memory, longer: no copy (never past the capacity)
+                    self.values = self._reserved[: min(size, rows)]
                     continue
                 self._reserved = None  # the capacity grew past the reservation: copy from now
             new = np.zeros((size, *old.shape[1:]), old.dtype)

@@ -39,6 +39,18 @@ def test_values_grow_in_place_up_to_the_reservation_then_by_copying() -> None:
     np.testing.assert_array_equal(restored.values[: store.hwm], store.values[: store.hwm])
 
 
+@linux
+def test_a_capacity_that_is_not_a_power_of_two_is_filled_without_a_copy() -> None:
+    dim = 4096
+    store = SlotStore(dim, np.dtype(np.float32), reserve=5000)
+    first = _fill(store, 1000, dim, 0)
+    before = store.values
+    _fill(store, 4000, dim, 1000)  # doubling would ask for 8192 rows; the capacity is 5000
+    assert store.values.shape[0] == 5000 and store._reserved is not None
+    assert np.shares_memory(before, store.values)
+    np.testing.assert_array_equal(store.values[:1000], first)
+
+
 def test_small_stores_and_refused_reservations_grow_by_copying() -> None:
     store = SlotStore(8, np.dtype(np.float32), reserve=1 << 20)  # 32 MiB: not worth a mapping
     assert store._reserved is None
