@@ -598,6 +598,10 @@ class MemoryBank:
     def _expire(self, now: float, *, log: bool = True) -> int:
         if self._expire_q is None or self._store.live == 0:
             return 0
+        if self._expire_q.next_key() >= now:
+            # nothing is due: retrievals not yet applied can only delay an expiry, so they
+            # stay coalesced (a decode step's thirty searches log one touch, not thirty)
+            return 0
         self._flush_touches()
         n = self._expire_q.pop_below(now, self._store.release)
         if n:

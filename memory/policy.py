@@ -118,6 +118,13 @@ class MinQueue:
                 done += int(slots.shape[0])
         return done
 
+    def next_key(self) -> float:
+        """A lower bound of the smallest key of a live slot (the buffer's next key, else its
+        horizon); -inf before the first scan. Keys written since are noted into the buffer."""
+        if self._pos < self._keys.shape[0]:
+            return float(self._keys[self._pos])
+        return self._horizon
+
     def pop_below(self, threshold: float, release: Callable[[np.ndarray], None]) -> int:
         """Release every live slot whose key is ``< threshold``; returns how many."""
         done = 0

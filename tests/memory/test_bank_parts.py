@@ -84,11 +84,20 @@ def test_bad_shapes_are_refused_by_name() -> None:
         bank.search_parts(np.zeros((1, 1, D + 1), np.float32), 1)
 
 
+@pytest.mark.parametrize(
+    "expiry",
+    [{}, {"ttl_s": 3600.0}, {"staleness_s": 3600.0}],
+    ids=["no-expiry", "ttl", "staleness"],
+)
 def test_retrievals_between_writes_are_logged_as_one_touch_and_replay_exactly(
-    tmp_path: Path,
+    expiry: dict[str, float], tmp_path: Path
 ) -> None:
+    """Also with TTL or staleness pruning on: a search that finds nothing due does not flush
+    the retrievals (each would be its own log record, thirty per decoded token)."""
     keys, values = _entries(64)
-    config = MemoryConfig(eviction="importance", importance_half_life_s=5.0, capacity=80)
+    config = MemoryConfig(
+        eviction="importance", importance_half_life_s=5.0, capacity=80, **expiry
+    )
     sizes = {}
     for searches in (1, 30):
         bank = MemoryBank.open(tmp_path / f"b{searches}", P * D, P * DV, config, parts=P)
