@@ -95,9 +95,7 @@ def test_retrievals_between_writes_are_logged_as_one_touch_and_replay_exactly(
     """Also with TTL or staleness pruning on: a search that finds nothing due does not flush
     the retrievals (each would be its own log record, thirty per decoded token)."""
     keys, values = _entries(64)
-    config = MemoryConfig(
-        eviction="importance", importance_half_life_s=5.0, capacity=80, **expiry
-    )
+    config = MemoryConfig(eviction="importance", importance_half_life_s=5.0, capacity=80, **expiry)
     sizes = {}
     for searches in (1, 30):
         bank = MemoryBank.open(tmp_path / f"b{searches}", P * D, P * DV, config, parts=P)
