@@ -263,14 +263,7 @@ class IVFKeys(KeyIndex):
         q = queries.shape[0]
         if q == 0 or k == 0 or self.ntotal == 0:
             return _empty(q, k)
-        params = self._search_params(bitmap)
-        _omp(threads if q >= BATCH_MIN_QUERIES else 1)
-        try:
-            scores, rows = self.index.search(queries, k, params=params)
-        except RuntimeError as exc:
-            raise MemoryBankError(f"faiss search failed: {exc}") from exc
-        finally:
-            _omp(1)
+        scores, rows = self._call(self.index.search, queries, k, bitmap, threads)
         return scores, rows
 
     def search_with_keys(
@@ -284,15 +277,23 @@ class IVFKeys(KeyIndex):
             return super().search_with_keys(queries, k, bitmap, threads)
         if q == 0 or k == 0 or self.ntotal == 0:
             return (*_empty(q, k), np.zeros((q, k, self.dim), np.float32))
+        scores, rows, keys = self._call(
+            self.index.search_and_reconstruct, queries, k, bitmap, threads
+        )
+        return scores, rows, keys
+
+    def _call(
+        self, search: Any, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
+    ) -> Any:
+        """One FAISS search call with this index's parameters and thread count."""
         params = self._search_params(bitmap)
-        _omp(threads if q >= BATCH_MIN_QUERIES else 1)
+        _omp(threads if queries.shape[0] >= BATCH_MIN_QUERIES else 1)
         try:
-            scores, rows, keys = self.index.search_and_reconstruct(queries, k, params=params)
+            return search(queries, k, params=params)
         except RuntimeError as exc:
             raise MemoryBankError(f"faiss search failed: {exc}") from exc
         finally:
             _omp(1)
-        return scores, rows, keys
 
     def _search_params(self, bitmap: np.ndarray | None) -> Any:
         """The search's parameters, reused while the bitmap array, row count and nprobe are
@@ -360,11 +361,7 @@ class PartitionedKeys(KeyIndex):
 
     def part_keys(self, part: int, rows: np.ndarray) -> np.ndarray:
         """Stored keys of ``rows`` (any shape) in one part, float32, shape ``rows.shape + (d,)``."""
-        index = self.indexes[part]
-        if isinstance(index, FlatKeys):
-            keys: np.ndarray = index._matrix()[rows].astype(np.float32)
-            return keys
-        return index.part_keys(0, rows)
+        return self.indexes[part].part_keys(0, rows)
 
     def search(
         self,
@@ -384,11 +381,7 @@ class PartitionedKeys(KeyIndex):
         self, part: int, queries: np.ndarray, k: int, bitmap: np.ndarray | None, threads: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search_part` and the stored keys of the rows found ``(q, k, part_dim)``."""
-        index = self.indexes[part]
-        if isinstance(index, FlatKeys):
-            scores, rows = index.search(queries, k, bitmap, threads)
-            return scores, rows, self.part_keys(part, np.maximum(rows, 0))
-        return index.search_with_keys(queries, k, bitmap, threads)
+        return self.indexes[part].search_with_keys(queries, k, bitmap, threads)
 
     def nbytes(self) -> int:
         return sum(index.nbytes() for index in self.indexes)

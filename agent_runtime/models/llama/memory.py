@@ -261,14 +261,15 @@ def _attend_row(
     dev = q.device
     q_pos = torch.arange(state.position, state.position + T, device=dev) - shift
     k_pos = torch.arange(start, state.position + T, device=dev) - shift
-    q_r = rope.at(q, q_pos[:, None], state.position + T - 1 - shift)
+    top = state.position + T - 1 - shift  # the frame's last position (the newest key's)
+    q_r = rope.at(q, q_pos[:, None], top)
     # The frame moves only when a block leaves the window, so the window's rotated keys are
     # reused step to step and only the new keys are rotated.
     hit = state.rotated.get(layer)
     if C and hit is not None and hit[0] is state.k[layer] and hit[1] == shift:
-        k_r = _append(hit[2], rope.at(k, k_pos[C:, None], state.position + T - 1 - shift), spare)
+        k_r = _append(hit[2], rope.at(k, k_pos[C:, None], top), spare)
     else:
-        k_r = rope.at(keys, k_pos[:, None], state.position + T - 1 - shift)
+        k_r = rope.at(keys, k_pos[:, None], top)
     state.rotated[layer] = (keys, shift, k_r)  # keys becomes the window in _advance
     qg = q_r.view(T, kv, g, D).permute(1, 2, 0, 3).float()  # (kv, g, T, D)
     scale = 1.0 / math.sqrt(D)
