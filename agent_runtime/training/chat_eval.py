@@ -279,9 +279,19 @@ def run_recall(
     seed: int = 0,
     out: Any = None,
     memory: MemoryConfig | None = None,
+    journal: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (distance, form, mode): recall over ``n`` probes, speeds, and the answers."""
+    """One row per (distance, form, mode): recall over ``n`` probes, speeds, and the answers.
+
+    With ``journal``, each probe's result is appended to that JSON-lines file as it completes
+    (a line on ``out`` says so too), and probes a previous run with the same ``settings``
+    already answered are taken from it: a stopped evaluation (a 16K probe takes minutes on a
+    CPU) resumes where it stopped when run again.
+    """
     rows = []
+    key_of = json.dumps({"settings": settings or {}, "seed": seed, "corrections": corrections})
+    done = _read_journal(journal, key_of) if journal else {}
     for distance in distances:
         probes = make_probes(chat, lines, distance, n, seed, corrections=corrections)
         for form in forms:
@@ -292,11 +302,25 @@ def run_recall(
                     continue
                 runner = chat.with_plan(plan)
                 hits, stale, answers, speeds = 0, 0, [], []
-                for probe in probes:
-                    answer, speed = run_probe(
-                        runner, probe, use_prefix=form == "prefix", memory=memory
-                    )
+                for i, probe in enumerate(probes):
+                    probe_key = f"{distance}/{form}/{mode}/{i}/{probe.value}"
+                    if probe_key in done:
+                        answer, speed = done[probe_key]["answer"], done[probe_key]["speed"]
+                    else:
+                        answer, speed = run_probe(
+                            runner, probe, use_prefix=form == "prefix", memory=memory
+                        )
+                        if journal is not None:
+                            _append_journal(journal, key_of, probe_key, answer, speed)
                     ok = probe.value.lower() in answer.lower()
+                    if out is not None and journal is not None:
+                        print(
+                            f"# probe {i + 1}/{len(probes)} ({distance} {form} {mode}):"
+                            f" {'recalled' if ok else 'missed'}"
+                            f"{' (from the journal)' if probe_key in done else ''}",
+                            file=out,
+                            flush=True,
+                        )
                     hits += ok
                     stale += (
                         bool(probe.corrected_from)
@@ -321,6 +345,36 @@ def run_recall(
                     brief = {k: v for k, v in row.items() if k != "answers"}
                     print(json.dumps(brief), file=out, flush=True)
     return rows
+
+
+def _read_journal(journal: Path, key_of: str) -> dict[str, dict[str, Any]]:
+    """The probes ``journal`` holds for these settings (lines of other settings, and a last
+    line cut short by a kill, are ignored)."""
+    done: dict[str, dict[str, Any]] = {}
+    try:
+        lines = journal.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return done
+    for line in lines:
+        try:
+            record = json.loads(line)
+            if record["run"] == key_of and isinstance(record["answer"], str):
+                done[record["probe"]] = record
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def _append_journal(
+    journal: Path, key_of: str, probe: str, answer: str, speed: dict[str, float]
+) -> None:
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    record = {"run": key_of, "probe": probe, "answer": answer, "speed": speed}
+    with journal.open("a+b") as fh:
+        fh.seek(0, 2)
+        cut = fh.tell() > 0 and (fh.seek(-1, 2), fh.read(1))[1] != b"\n"  # a killed write
+        fh.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
+        fh.flush()
 
 
 def dialogue_document(

@@ -366,6 +366,14 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
         memory=MemoryConfig(
             index=args.memory_index, part_ann_threshold=args.part_ann_threshold
         ).validate(),
+        # with --json, every probe is journalled beside it and a rerun resumes
+        journal=args.json.with_name(args.json.name + ".probes.jsonl") if args.json else None,
+        settings={
+            "weights": getattr(chat, "weights_id", ""),
+            "engine": [args.memory_layers, args.memory_k, args.memory_window],
+            "sink_span": [args.memory_sink, args.memory_span],
+            "index": [args.memory_index, args.part_ann_threshold],
+        },
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from agent_runtime.config import positive_int
 from agent_runtime.errors import AgentRuntimeError, CheckpointError
 from agent_runtime.files import atomic_write
+from agent_runtime.models.llama.adapter import ADAPTER_FILE, Adapter, merge_adapter, write_adapter
 from agent_runtime.models.llama.family import LlamaChatModel
 from agent_runtime.models.llama.hf import save_hf_dir
 from agent_runtime.models.llama.memory import MemoryPlan
@@ -60,6 +61,7 @@ __all__ = [
     "LoraConfig",
     "add_lora",
     "answer_loss",
+    "as_adapter",
     "finetune",
     "main",
     "merged_state_dict",
@@ -101,6 +103,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
+        self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         w = base.weight
         self.lora_a = nn.Parameter(torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device))
@@ -111,9 +114,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y: Tensor = self.base(x)
         return y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
-
-    def merged_weight(self) -> Tensor:
-        return self.base.weight + (self.lora_b @ self.lora_a) * self.scale
 
 
 def add_lora(model: LlamaModel, cfg: LoraConfig) -> dict[str, LoRALinear]:
@@ -163,18 +163,22 @@ def load_adapter_tensors(adapters: Mapping[str, LoRALinear], tensors: Mapping[st
                 p.copy_(t)
 
 
-@torch.no_grad()
+def as_adapter(adapters: Mapping[str, LoRALinear], base_weights: str = "") -> Adapter:
+    """The trained factors as an :class:`Adapter` (what ``OUT/adapter.safetensors`` holds)."""
+    factors = {n: (a.lora_a.detach().cpu(), a.lora_b.detach().cpu()) for n, a in adapters.items()}
+    first = next(iter(adapters.values()))
+    return Adapter(factors, first.rank, first.alpha, base_weights)
+
+
 def merged_state_dict(model: LlamaModel, adapters: Mapping[str, LoRALinear]) -> dict[str, Tensor]:
     """The adapted model's weights under the base's HF names, adapters merged: what
     :meth:`LlamaModel.from_state_dict` and :func:`save_hf_dir` take."""
-    sd: dict[str, Tensor] = {}
-    for name, t in model.state_dict().items():
-        if ".lora_" in name:
-            continue
-        sd[name.replace(".base.", ".")] = t
-    for name, a in adapters.items():
-        sd[f"{name}.weight"] = a.merged_weight().detach().clone()
-    return sd
+    base = {
+        name.replace(".base.", "."): t.detach()
+        for name, t in model.state_dict().items()
+        if ".lora_" not in name
+    }
+    return merge_adapter(base, as_adapter(adapters))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +521,7 @@ def _export(
     """The adapted model as a Hugging Face directory (adapters merged) with its tokenizer,
     ``finetune.json`` and ``MODEL_CARD.md``; each file replaced atomically."""
     save_hf_dir(out_dir, model.cfg, merged_state_dict(model, adapters))
+    write_adapter(out_dir / ADAPTER_FILE, as_adapter(adapters, source.weights_id))
     source.tokenizer.save(out_dir)
     targets = ",".join(args.lora_targets)
     done = "" if step >= args.steps else f" (of {args.steps} planned)"

