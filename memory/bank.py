@@ -22,7 +22,8 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ class MemoryBank:
         self._id_slots: np.ndarray | None = None  # id -> slot, for neighbours (search_parts)
         self._id_slots_version: tuple[int, ...] = ()
         self._removed_since = False
+        self._ivf_build: _IVFBuild | None = None  # an IVF index training off the engine thread
 
     # -- construction helpers -------------------------------------------------------------------
 
@@ -377,31 +379,34 @@ class MemoryBank:
             self._pending_hits.append((now, hit_rows))
 
     def _flush_touches(self) -> None:
-        """Apply and log the coalesced retrievals as one touch at the time of the last one.
+        """Apply and log the coalesced retrievals as one touch record.
 
-        A hit at an earlier time ``t`` enters with weight ``2^-((t_last - t) / half_life)``,
-        exactly what applying it at ``t`` and decaying to ``t_last`` gives, so importance is
-        unchanged; retrieval times become ``t_last`` (staleness is flushed before every
-        expiry, so it is never decided on unflushed hits). Called before anything that reads
-        mass or frees slots (add: eviction; remove; expiry; state dicts, syncs, snapshots), so
-        live and replayed banks apply the same touches at the same times: a step that searches
-        thirty memory layers logs one record per block instead of thirty per token.
+        Each entry is touched at the time of its own latest hit, and an earlier hit at ``t``
+        enters with weight ``2^-((t_latest - t) / half_life)``: exactly what applying every
+        hit at its own time gives, for importance and for staleness alike (searches that find
+        nothing due leave their hits pending across many steps, see :meth:`_expire`; an entry
+        hit once long ago must not look as fresh as the last hit of another). Called before
+        anything that reads mass or frees slots (add: eviction; remove; an expiry with
+        something due; state dicts, syncs, snapshots), so live and replayed banks apply the
+        same touches at the same times: a step that searches thirty memory layers logs one
+        record per block instead of thirty per token.
         """
         if not self._pending_hits:
             return
-        last = self._pending_hits[-1][0]
-        rows = np.concatenate([hits for _, hits in self._pending_hits])
-        half_life = self.config.importance_half_life_s
-        decay = np.concatenate(
-            [np.full(h.shape[0], np.exp2(-(last - t) / half_life)) for t, h in self._pending_hits]
-        )
-        self._pending_hits = []
+        pending, self._pending_hits = self._pending_hits, []
+        rows = np.concatenate([hits for _, hits in pending])
+        times = np.concatenate([np.full(h.shape[0], t, np.float64) for t, h in pending])
         touched, inverse = np.unique(rows, return_inverse=True)
+        latest = np.full(touched.shape[0], -np.inf)
+        np.maximum.at(latest, inverse, times)
+        decay = np.exp2(-(latest[inverse] - times) / self.config.importance_half_life_s)
         weights = np.zeros(touched.shape[0], np.float64)
         np.add.at(weights, inverse, decay)
+        # one time for all (the common case: one step's searches) keeps the compact record
+        when: float | np.ndarray = float(latest[0]) if latest.min() == latest.max() else latest
         if self._journal is not None:
-            self._journal.touch(last, touched, self._store.ids[touched], weights)
-        self._apply_touch(last, touched, weights)
+            self._journal.touch(when, touched, self._store.ids[touched], weights)
+        self._apply_touch(when, touched, weights)
 
     def prune(self, now: float | None = None) -> int:
         """Remove entries past their TTL or stale; returns how many were removed.
@@ -451,6 +456,18 @@ class MemoryBank:
         slots = self._slots_of(np.asarray(ids, np.int64).reshape(-1))
         return self._index.reconstruct(slots), self._store.values[slots].astype(np.float32)
 
+    @property
+    def index_building(self) -> bool:
+        """Whether an IVF index is being built in the background (the flat one answers)."""
+        return self._ivf_build is not None
+
+    def build_index(self) -> None:
+        """Bring in now an IVF index being built in the background (``memory.ivf_build``),
+        waiting for it; a no-op otherwise. For benchmarks and tests that need the bank's
+        final index at once; serving lets the next add do it."""
+        self._check_open()
+        self._finish_ivf()
+
     def live_ids(self) -> np.ndarray:
         """Ids of all live entries, ascending."""
         return np.sort(self._store.ids[self._store.live_slots()])
@@ -466,6 +483,7 @@ class MemoryBank:
         ``meta`` is not JSON-serialisable.
         """
         self._flush_touches()
+        self._finish_ivf()  # a pending IVF build comes in here: a snapshot never holds one
         counters = dict(
             next_id=self._next_id,
             added_total=self._added_total,
@@ -493,6 +511,7 @@ class MemoryBank:
         if parts != self.parts:
             raise BankFormatError(f"{_WHAT_STATE} has {parts} key parts, this bank {self.parts}")
         self._store, self._index = restored.store, restored.index
+        self._ivf_build = None
         self._pending_hits = []
         self._id_slots = None
         self._next_id = restored.counters["next_id"]
@@ -534,6 +553,7 @@ class MemoryBank:
                 self.sync()
         finally:
             self._closed = True
+            self._ivf_build = None  # a build still running is dropped with the bank
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
@@ -581,11 +601,17 @@ class MemoryBank:
         self._evict_q.note(slots)
         if self._expire_q is not None:
             self._expire_q.note(slots)
-        if self._wants_ivf():
+        build = self._ivf_build
+        if build is not None:
+            if reuse:
+                build.reused.append(slots[:reuse])
+            if self._added_total >= build.due:
+                self._finish_ivf()
+        elif self._wants_ivf():
             self._switch_to_ivf()
         return ids
 
-    def _apply_touch(self, now: float, slots: np.ndarray, weights: np.ndarray) -> None:
+    def _apply_touch(self, now: float | np.ndarray, slots: np.ndarray, weights: np.ndarray) -> None:
         st = self._store
         decay = np.exp2(-(now - st.retrieved_at[slots]) / self.config.importance_half_life_s)
         st.mass[slots] = st.mass[slots] * decay + weights
@@ -620,7 +646,7 @@ class MemoryBank:
                 if np.any((slots < 0) | (slots >= st.hwm)) or np.any(st.ids[slots] != op.ids):
                     raise ValueError("retrieval record names entries that are not in the bank")
                 self._last_time = max(self._last_time, op.now)
-                self._apply_touch(op.now, op.slots, op.weights)
+                self._apply_touch(op.now if op.times is None else op.times, op.slots, op.weights)
             case Prune():
                 self._last_time = max(self._last_time, op.now)
                 self._expire(op.now)
@@ -636,37 +662,52 @@ class MemoryBank:
         return (
             c.index in ("auto", "ivf")
             and self._index.kind == "flat"
+            and self._ivf_build is None
             and self._store.live >= threshold
         )
 
     def _switch_to_ivf(self) -> None:
         """Move every row into a new IVF index (one per part) trained on a sample of the live
-        stored keys."""
+        stored keys.
+
+        With ``ivf_build = "background"`` the k-means and the copy of the rows run on a worker
+        thread (FAISS releases the GIL), so the add that crossed the threshold returns at
+        once and the flat index keeps answering (exactly); the next add brings the new index
+        in (waiting for it only if it is not ready) together with the rows written since.
+        The switch therefore happens at a point fixed by the operations, never by timing: a
+        replayed log switches where the original did, and a snapshot taken in between brings
+        the new index in first.
+        """
         c = self.config
         st = self._store
         all_keys = self._index.reconstruct(np.arange(st.hwm, dtype=np.int64))
         live = st.live_slots()
-        if self.parts == 1:
-            nlist = c.nlist()
-            step = max(1, live.shape[0] // (64 * nlist))
-            sample = np.ascontiguousarray(all_keys[live[::step]])
-            ivf = IVFKeys.train(self.key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
-            ivf.append(all_keys)
-            self._index = ivf
+        if c.ivf_build == "inline":
+            self._index = _build_ivf(c, self.key_dim, self.parts, all_keys, live)
             return
-        nlist = c.part_nlist()
-        step = max(1, live.shape[0] // (40 * nlist))
-        d = self.key_dim // self.parts
-        indexes: list[KeyIndex] = []
-        for p in range(self.parts):
-            part = np.ascontiguousarray(all_keys[:, p * d : (p + 1) * d])
-            ivf = IVFKeys.train(
-                d, c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
-                c.ivf_nprobe, c.threads, iterations=10,
-            )  # fmt: skip
-            ivf.append(part)
-            indexes.append(ivf)
-        self._index = PartitionedKeys(self.key_dim, c.ivf_storage, self.parts, indexes)
+        global _ivf_pool
+        if _ivf_pool is None:
+            _ivf_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-ivf")
+        future = _ivf_pool.submit(_build_ivf, c, self.key_dim, self.parts, all_keys, live)
+        self._ivf_build = _IVFBuild(future, rows=st.hwm, due=self._added_total + 1)
+
+    def _finish_ivf(self) -> None:
+        """Bring the background-built index in: rows written since it was started are added
+        (or rewritten, for reused slots) from the flat index, then it replaces it."""
+        build, self._ivf_build = self._ivf_build, None
+        if build is None:
+            return
+        ivf = build.future.result()  # a FAISS failure surfaces here, as MemoryBankError
+        hwm = self._store.hwm
+        flat = self._index
+        if hwm > build.rows:
+            ivf.append(flat.reconstruct(np.arange(build.rows, hwm, dtype=np.int64)))
+        if build.reused:
+            rows = np.unique(np.concatenate(build.reused))
+            rows = rows[rows < build.rows]
+            if rows.shape[0]:
+                ivf.overwrite(rows, flat.reconstruct(rows))
+        self._index = ivf
 
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
         live = self._store.live_slots()
@@ -679,6 +720,46 @@ class MemoryBank:
         return live[order[pos]]
 
 
+@dataclass
+class _IVFBuild:
+    """An IVF index being built on the worker thread from the bank's first ``rows`` rows; it
+    replaces the flat index at the first add that brings ``added_total`` to ``due``."""
+
+    future: Future[KeyIndex]
+    rows: int
+    due: int
+    reused: list[np.ndarray] = field(default_factory=list)
+    """Slots rewritten since the build started (below ``rows``: their keys changed)."""
+
+
+def _build_ivf(
+    c: MemoryConfig, key_dim: int, parts: int, all_keys: np.ndarray, live: np.ndarray
+) -> KeyIndex:
+    """An IVF index (one per part) trained on a sample of the ``live`` rows of ``all_keys``,
+    holding every row of it. Reads only its arguments: it runs on the worker thread."""
+    if parts == 1:
+        nlist = c.nlist()
+        step = max(1, live.shape[0] // (64 * nlist))
+        sample = np.ascontiguousarray(all_keys[live[::step]])
+        ivf = IVFKeys.train(key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
+        ivf.append(all_keys)
+        return ivf
+    nlist = c.part_nlist()
+    step = max(1, live.shape[0] // (40 * nlist))
+    d = key_dim // parts
+    indexes: list[KeyIndex] = []
+    for p in range(parts):
+        part = np.ascontiguousarray(all_keys[:, p * d : (p + 1) * d])
+        ivf = IVFKeys.train(
+            d, c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
+            c.ivf_nprobe, c.threads, iterations=10,
+        )  # fmt: skip
+        ivf.append(part)
+        indexes.append(ivf)
+    return PartitionedKeys(key_dim, c.ivf_storage, parts, indexes)
+
+
+_ivf_pool: ThreadPoolExecutor | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 

@@ -8,6 +8,7 @@ from agent_runtime.errors import BankFormatError, ConfigError
 
 EVICTION_POLICIES = ("fifo", "importance")
 INDEX_KINDS = ("auto", "flat", "ivf")
+IVF_BUILDS = ("background", "inline")
 FLAT_STORAGE = ("fp32", "fp16")
 IVF_STORAGE = ("fp32", "fp16", "int8")
 VALUE_STORAGE = ("fp32", "fp16")
@@ -54,6 +55,8 @@ class MemoryConfig:
     """IVF inverted lists; 0 picks 2·sqrt(ann_threshold) rounded down to a power of two."""
     ivf_nprobe: int = 16
     """IVF lists scanned per query (recall/speed trade-off; see docs/memory.md)."""
+    ivf_build: str = "background"
+    """How the move to IVF is built: ``background`` (on a worker thread while the flat index keeps answering; the next add brings it in) or ``inline`` (inside the add that crosses the threshold, which then takes seconds)."""
     threads: int = 1
     """CPU threads one search call may use (FAISS OpenMP for batched queries, the search_banks pool)."""
 
@@ -76,6 +79,7 @@ class MemoryConfig:
             "flat_storage": FLAT_STORAGE,
             "ivf_storage": IVF_STORAGE,
             "value_storage": VALUE_STORAGE,
+            "ivf_build": IVF_BUILDS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -121,6 +125,7 @@ class MemoryConfig:
     def from_dict(cls, raw: dict[str, object]) -> MemoryConfig:
         """Inverse of :meth:`to_dict`; unknown keys (from newer versions) are ignored."""
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        known.setdefault("ivf_build", "inline")  # written before the background build existed
         return cls(**known).validate()  # type: ignore[arg-type]
 
 

@@ -35,6 +35,7 @@ from memory.persist import (
     PRUNE,
     REMOVE,
     TOUCH,
+    TOUCH_AT,
     Cipher,
     LogRecord,
     LogScan,
@@ -64,6 +65,7 @@ _SNAP = re.compile(r"snapshot-(\d{8})\.bank")
 _LOG = re.compile(r"log-(\d{8})\.wal")
 _ADD = struct.Struct("<dI")
 _TOUCH = struct.Struct("<dI")
+_TOUCH_AT = struct.Struct("<I")
 _PRUNE = struct.Struct("<d")
 
 
@@ -127,13 +129,15 @@ class Add:
 
 @dataclass(frozen=True)
 class Touch:
-    """Entries retrieved at ``now``: their slots, their ids (to check) and retrieval weights."""
+    """Entries retrieved: their slots, their ids (to check) and retrieval weights, at ``now``
+    or, when ``times`` is given, each at its own time (``now`` is then the latest)."""
 
     seq: int
     now: float
     slots: np.ndarray
     ids: np.ndarray
     weights: np.ndarray
+    times: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,14 @@ def _decode(rec: LogRecord, key_dim: int, value_dim: int) -> Operation:
         now, m = _TOUCH.unpack_from(body)
         slots, ids, weights = _split(body, _TOUCH.size, [("<i8", m), ("<i8", m), ("<f8", m)])
         return Touch(rec.seq, now, slots, ids, weights)
+    if rec.type == TOUCH_AT:
+        (m,) = _TOUCH_AT.unpack_from(body)
+        slots, ids, weights, times = _split(
+            body, _TOUCH_AT.size, [("<i8", m), ("<i8", m), ("<f8", m), ("<f8", m)]
+        )
+        if m == 0:
+            raise ValueError("touch record names no entries")
+        return Touch(rec.seq, float(times.max()), slots, ids, weights, times)
     if rec.type == PRUNE:
         (now,) = _PRUNE.unpack(body)
         return Prune(rec.seq, now)
@@ -246,9 +258,22 @@ class Journal:
         parts = [positions.tobytes(), keys.tobytes(), values.tobytes()]
         self._writer.append(ADD, b"".join([_ADD.pack(now, keys.shape[0]), *parts]))
 
-    def touch(self, now: float, slots: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
-        """Log a retrieval at ``now`` (int64 slots and ids, float64 weights)."""
+    def touch(
+        self,
+        now: float | np.ndarray,
+        slots: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+    ) -> None:
+        """Log a retrieval at ``now`` (int64 slots and ids, float64 weights); ``now`` may be
+        an array of float64 times, one per entry (record type ``TOUCH_AT``; a single time is
+        written as a plain ``TOUCH``, as before it existed)."""
         parts = [slots.tobytes(), ids.tobytes(), weights.tobytes()]
+        if isinstance(now, np.ndarray):
+            times = np.ascontiguousarray(now, np.float64)
+            record = [_TOUCH_AT.pack(slots.shape[0]), *parts, times.tobytes()]
+            self._writer.append(TOUCH_AT, b"".join(record))
+            return
         self._writer.append(TOUCH, b"".join([_TOUCH.pack(now, slots.shape[0]), *parts]))
 
     def prune(self, now: float) -> None:

@@ -66,8 +66,8 @@ MAX_RECORD = 1 << 30
 DTYPES = ("<f2", "<f4", "<f8", "<i8", "|b1", "|u1")
 
 # log record types
-ADD, TOUCH, PRUNE, META, REMOVE, COMMIT = 1, 2, 3, 4, 5, 6
-RECORD_TYPES = (ADD, TOUCH, PRUNE, META, REMOVE, COMMIT)
+ADD, TOUCH, PRUNE, META, REMOVE, COMMIT, TOUCH_AT = 1, 2, 3, 4, 5, 6, 7
+RECORD_TYPES = (ADD, TOUCH, PRUNE, META, REMOVE, COMMIT, TOUCH_AT)
 
 
 class Cipher(Protocol):

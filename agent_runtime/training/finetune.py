@@ -62,6 +62,7 @@ __all__ = [
     "add_lora",
     "answer_loss",
     "as_adapter",
+    "base_only",
     "finetune",
     "main",
     "merged_state_dict",
@@ -105,6 +106,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
+        self.active = True  # False: the frozen base alone (see base_only)
         w = base.weight
         self.lora_a = nn.Parameter(torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device))
         self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
@@ -113,7 +115,21 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y: Tensor = self.base(x)
+        if not self.active:
+            return y
         return y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+
+
+@contextmanager
+def base_only(adapters: Mapping[str, LoRALinear]) -> Iterator[None]:
+    """The adapters switched off: the model is the frozen base while inside."""
+    for a in adapters.values():
+        a.active = False
+    try:
+        yield
+    finally:
+        for a in adapters.values():
+            a.active = True
 
 
 def add_lora(model: LlamaModel, cfg: LoraConfig) -> dict[str, LoRALinear]:
@@ -185,21 +201,48 @@ def merged_state_dict(model: LlamaModel, adapters: Mapping[str, LoRALinear]) -> 
 # The loss
 
 
-def answer_loss(model: LlamaModel, tokens: Tensor, weights: Tensor) -> Tensor:
+def answer_loss(
+    model: LlamaModel,
+    tokens: Tensor,
+    weights: Tensor,
+    *,
+    keep_base: float = 0.0,
+    adapters: Mapping[str, LoRALinear] | None = None,
+) -> Tensor:
     """Weighted mean cross-entropy of the tokens with a positive weight, each predicted from
-    those before it with plain causal attention (only those positions go through the head)."""
+    those before it with plain causal attention.
+
+    With ``keep_base`` > 0 (and the ``adapters``), plus ``keep_base`` times the mean KL
+    divergence from the frozen base's next-token distribution to the adapted model's at every
+    other position (the system prompt, the filler dialogue, the facts and questions): the
+    fine-tune learns to answer from context while its ordinary chat stays the base's, instead
+    of drifting toward the answer form (or toward the filler corpus's style, as a loss on the
+    filler replies does).
+    """
+    w = weights[:, 1:]
+    chosen = w > 0
+    x = _hidden(model, tokens)[:, :-1]
+    ce = F.cross_entropy(model.head(x[chosen]).float(), tokens[:, 1:][chosen], reduction="none")
+    picked = w[chosen]
+    loss = (ce * picked).sum() / picked.sum().clamp(min=1e-9)
+    if keep_base > 0 and adapters:
+        rest = ~chosen
+        with torch.no_grad(), base_only(adapters):
+            target = F.log_softmax(model.head(_hidden(model, tokens)[:, :-1][rest]).float(), -1)
+        pred = F.log_softmax(model.head(x[rest]).float(), -1)
+        kl = F.kl_div(pred, target, log_target=True, reduction="batchmean")
+        loss = loss + keep_base * kl
+    return loss
+
+
+def _hidden(model: LlamaModel, tokens: Tensor) -> Tensor:
     B, T = tokens.shape
     positions = torch.arange(T, device=tokens.device).expand(B, T)
     cos, sin = model.rope(positions)
     x = model.embed(tokens)
     for layer in model.layers:
         x = layer(x, cos, sin)
-    w = weights[:, 1:]
-    chosen = w > 0
-    logits = model.head(x[:, :-1][chosen])
-    ce = F.cross_entropy(logits.float(), tokens[:, 1:][chosen], reduction="none")
-    picked = w[chosen]
-    return (ce * picked).sum() / picked.sum().clamp(min=1e-9)
+    return x
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -241,6 +284,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} must be a number >= 0")
     return value
 
 
@@ -289,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="loss weight of the filler dialogue's replies (0: answers only)",
     )
+    add(
+        "--keep-base",
+        type=_non_negative_float,
+        default=0.0,
+        help="weight of the KL divergence to the frozen base at non-answer positions"
+        " (keeps its ordinary chat; 0: off)",
+    )
     add("--filler", type=Path, default=None, help="filler dialogue file (default: chitchat corpus)")
     add("--seed", type=int, default=0)
     add("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -321,6 +381,7 @@ def _settings(args: argparse.Namespace, source: PretrainedSource) -> dict[str, A
         "seed": args.seed,
         "not_told": args.not_told,
         "filler_weight": args.filler_weight,
+        "keep_base": args.keep_base,
         "filler": str(args.filler) if args.filler else "chitchat",
     }
 
@@ -463,7 +524,7 @@ def finetune(args: argparse.Namespace, out: Callable[[str], None] | None = None)
             for group in opt.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss = answer_loss(model, tokens, weights)
+            loss = answer_loss(model, tokens, weights, keep_base=args.keep_base, adapters=adapters)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -547,6 +608,7 @@ def _export(
         "seed": args.seed,
         "not_told": args.not_told,
         "filler_weight": args.filler_weight,
+        "keep_base": args.keep_base,
         "filler": str(args.filler) if args.filler else "chitchat-dataset 0.9.0 (PyPI)",
         "device": str(args.device),
     }
@@ -571,7 +633,9 @@ def _model_card(meta: Mapping[str, Any]) -> str:
   words; {meta["not_told"]:.0%} of the conversations also ask for a fact never stated, answered
   with "you haven't told me". Loss on the answers only (filler replies weighted
   {meta["filler_weight"]}). Subjects, phrasings and values are disjoint from those
-  `agent-runtime eval recall` measures with.
+  `agent-runtime eval recall` measures with. At every other position, a KL divergence to the
+  frozen base's prediction weighted {meta.get("keep_base", 0.0)} (0: none) keeps its ordinary
+  chat.
 * **Run:** {meta["steps"]} steps of {meta["batch"]} x {meta["seq_len"]} tokens (planned
   {meta["planned_steps"]}), peak learning rate {meta["lr"]}, {meta["train_seconds"]:.0f} s on
   {meta["device"]}; last loss {meta["final_loss"]:.4f}.

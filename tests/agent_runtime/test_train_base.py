@@ -166,6 +166,43 @@ def test_loss_decreases_on_a_tiny_overfit_batch() -> None:
     assert seen[-1] < 0.75 * seen[0], seen  # a random tiny net learns slowly; SmolLM2: docs
 
 
+def test_keep_base_is_the_kl_to_the_frozen_base_and_holds_it_there() -> None:
+    """At the start (B = 0) the KL term is 0; once the adapters move it is positive, and
+    training with it keeps the non-answer predictions nearer the base than without."""
+    chat = tiny_llama_chat()
+    ex = [data_for(chat).example(random.Random(i)) for i in range(2)]
+    tokens = torch.tensor([e.tokens for e in ex])
+    weights = torch.tensor([e.weights for e in ex])
+    rest = weights[:, 1:] == 0
+
+    def drift(keep_base: float) -> tuple[float, float]:
+        model = tiny_llama_chat().model
+        with torch.no_grad():
+            base = torch.log_softmax(model(tokens)[:, :-1][rest].float(), -1)
+        torch.manual_seed(0)
+        adapters = add_lora(model, LoraConfig(rank=4))
+        plain = answer_loss(model, tokens, weights)
+        kept = answer_loss(model, tokens, weights, keep_base=keep_base, adapters=adapters)
+        assert torch.allclose(plain, kept)  # B = 0: the adapted model is the base
+        params = [p for a in adapters.values() for p in (a.lora_a, a.lora_b)]
+        opt = torch.optim.AdamW(params, lr=2e-2)
+        for _ in range(15):
+            loss = answer_loss(model, tokens, weights, keep_base=keep_base, adapters=adapters)
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        with torch.no_grad():
+            now = torch.log_softmax(model(tokens)[:, :-1][rest].float(), -1)
+            answer = float(answer_loss(model, tokens, weights))
+        kl = float(torch.nn.functional.kl_div(now, base, log_target=True, reduction="batchmean"))
+        return kl, answer
+
+    free_kl, free_answer = drift(0.0)
+    kept_kl, kept_answer = drift(1.0)
+    assert free_kl > 0 and kept_kl < 0.5 * free_kl, (free_kl, kept_kl)
+    assert kept_answer < 1.5 * free_answer + 0.5  # it still learns the answers
+
+
 # -- data ------------------------------------------------------------------------------------
 
 

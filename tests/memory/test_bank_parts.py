@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent_runtime.errors import BankFormatError, MemoryBankError
+from agent_runtime.errors import BankFormatError, ConfigError, MemoryBankError
 from memory import MemoryBank, MemoryConfig
 
 P, D, DV = 3, 8, 4
@@ -161,7 +161,8 @@ def test_a_grown_bank_moves_every_part_to_ivf_and_keeps_finding_the_top_k(
         exact.add(keys, values, np.arange(i * 500, (i + 1) * 500))
         if i == 2:
             bank.snapshot()
-        assert bank.stats().index == ("ivf" if (i + 1) * 500 >= 2048 else "flat")
+        # built in the background from the add that crosses 2048; the next add brings it in
+        assert bank.stats().index == ("ivf" if i * 500 >= 2048 else "flat")
     queries = np.stack([centers[rng.integers(0, 40, 20)] for _ in range(P)])  # (P, 20, D)
     got, want = bank.search_parts(queries, 16), exact.search_parts(queries, 16)
     overlap = np.mean(
@@ -200,6 +201,7 @@ def test_an_ivf_bank_with_holes_never_returns_the_dead_and_keys_follow_their_row
     bank = MemoryBank(P * D, P * DV, cfg, parts=P)
     keys = _clustered_parts(rng, 1200, centers)
     bank.add(keys, rng.standard_normal((1200, P * DV)).astype(np.float32), np.arange(1200))
+    bank.build_index()  # the IVF index built in the background, brought in now
     assert bank.stats().index == "ivf"
     queries = np.stack([centers[rng.integers(0, 20, 6)] for _ in range(P)])
     stored = {i: keys[i] for i in range(1200)}
@@ -225,3 +227,71 @@ def test_an_ivf_bank_with_holes_never_returns_the_dead_and_keys_follow_their_row
         next_id += 100
         after = bank.search_parts(queries, 200)
         assert not set(after.ids[after.mask].tolist()) & set(dead.tolist()), round_
+
+
+def test_the_move_to_ivf_is_built_off_the_add_and_equals_the_inline_build(
+    tmp_path: Path,
+) -> None:
+    """``ivf_build = background``: the add that crosses the threshold leaves the flat index
+    answering (exactly) while the IVF index trains on the worker thread; the next add brings
+    it in with what changed meanwhile (new rows, rows reused after removals and evictions).
+    The result answers exactly as the inline build of the same operations does, a snapshot
+    taken in between brings it in first, and a replay switches at the same add."""
+    rng = np.random.default_rng(11)
+    centers = rng.standard_normal((20, D)).astype(np.float32) * 2
+    common = dict(part_ann_threshold=1024, ivf_nprobe=4, ttl_s=0.0, capacity=1300)
+    inline = MemoryBank(P * D, P * DV, MemoryConfig(ivf_build="inline", **common), parts=P)  # type: ignore[arg-type]
+    config = MemoryConfig(**common)  # type: ignore[arg-type]
+    assert config.ivf_build == "background"
+    bank = MemoryBank.open(tmp_path / "bg", P * D, P * DV, config, parts=P)
+    exact = MemoryBank(P * D, P * DV, MemoryConfig(index="flat", capacity=1300), parts=P)
+    queries = np.stack([centers[rng.integers(0, 20, 6)] for _ in range(P)])
+
+    def both(op: str, *args: object) -> None:
+        for b in (inline, bank, exact):
+            getattr(b, op)(*args)
+
+    keys = _clustered_parts(rng, 1100, centers)
+    both("add", keys, rng.standard_normal((1100, P * DV)).astype(np.float32), np.arange(1100))
+    assert inline.stats().index == "ivf" and bank.stats().index == "flat"
+    # while it builds, the flat index answers: exactly the exact bank's answers
+    np.testing.assert_array_equal(
+        bank.search_parts(queries, 8).ids, exact.search_parts(queries, 8).ids
+    )
+    both("remove", np.arange(0, 1100, 7))  # holes, reused by the next add
+    more = _clustered_parts(rng, 400, centers)  # 157 holes reused, 243 new rows, 43 evicted
+    both("add", more, rng.standard_normal((400, P * DV)).astype(np.float32), np.arange(1100, 1500))
+    assert bank.stats().index == "ivf"
+    got, want = bank.search_parts(queries, 16), inline.search_parts(queries, 16)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+    np.testing.assert_array_equal(got.keys, want.keys)  # type: ignore[arg-type]
+    assert set(got.ids[got.mask].tolist()) <= set(bank.live_ids().tolist())
+    bank.close()
+    again = MemoryBank.open(tmp_path / "bg", P * D, P * DV, config, parts=P)  # log replay
+    assert again.stats().index == "ivf"
+    np.testing.assert_array_equal(again.search_parts(queries, 16).ids, got.ids)
+    again.close()
+
+    # a snapshot while a build is pending brings it in first; closing one drops it
+    third = MemoryBank.open(tmp_path / "snap", P * D, P * DV, config, parts=P)
+    third.add(keys, rng.standard_normal((1100, P * DV)).astype(np.float32))
+    assert third.stats().index == "flat"
+    third.snapshot()
+    assert third.stats().index == "ivf"
+    third.close()
+    assert MemoryBank.open(tmp_path / "snap", P * D, P * DV, config, parts=P).stats().index == "ivf"
+    fourth = MemoryBank(P * D, P * DV, config, parts=P)
+    fourth.add(keys, rng.standard_normal((1100, P * DV)).astype(np.float32))
+    fourth.close()  # with the build still pending or done: nothing raised, nothing left
+
+
+def test_banks_written_before_the_background_build_replay_inline() -> None:
+    """A stored config without ``ivf_build`` (older banks) reads as ``inline``: their logs
+    replay with the switch where it happened when they were written."""
+    stored = MemoryConfig().to_dict()
+    del stored["ivf_build"]
+    assert MemoryConfig.from_dict(stored).ivf_build == "inline"
+    assert MemoryConfig.from_dict(MemoryConfig().to_dict()).ivf_build == "background"
+    with pytest.raises(ConfigError, match=r"memory\.ivf_build"):
+        MemoryConfig(ivf_build="later").validate()

@@ -148,6 +148,34 @@ def test_staleness_prunes_unretrieved_old_entries(clock: Any) -> None:
     assert not bank.search(keys[:1], 1).mask.any()
 
 
+def test_hits_left_pending_across_steps_keep_their_own_retrieval_times(
+    clock: Any, tmp_path: Any
+) -> None:
+    """Searches that find nothing due leave their retrievals coalesced; when they are applied,
+    an entry hit at t=0 is as stale as t=0 says, not as fresh as a later hit of another entry
+    (found by the state-machine test), and the log replays the same times."""
+    rng = np.random.default_rng(9)
+    config = MemoryConfig(capacity=100, staleness_s=12.0, min_age_s=5.0)
+    bank = MemoryBank.open(tmp_path / "b", DK, DV, config, clock=clock)
+    keys, values = kv(rng, 2)
+    bank.add(keys, values)
+    assert bank.search(keys[:1], 1).ids.tolist() == [[0]]  # t=0
+    clock.advance(7)
+    assert bank.search(keys[1:], 1).ids.tolist() == [[1]]  # t=7: nothing due, still pending
+    clock.advance(7)  # t=14: entry 0 was last retrieved 14 s ago, entry 1 7 s ago
+    assert bank.search(keys, 2).mask.sum(axis=1).tolist() == [1, 1]
+    assert bank.live_ids().tolist() == [1]
+    bank.close()
+    clock.advance(3)
+    again = MemoryBank.open(tmp_path / "b", DK, DV, config, clock=clock)  # replays the touches
+    assert again.live_ids().tolist() == [1]
+    clock.advance(3)  # t=20: entry 1 retrieved at 14 (the last search), not stale yet
+    assert again.prune() == 0
+    clock.advance(7)  # t=27: 13 s since
+    assert again.prune() == 1
+    again.close()
+
+
 def test_pruned_slots_are_reused(clock: Any) -> None:
     rng = np.random.default_rng(8)
     bank = MemoryBank(DK, DV, MemoryConfig(capacity=100, ttl_s=5.0), clock=clock)
