@@ -219,3 +219,45 @@ async def test_an_answer_shows_on_click_which_message_its_memories_came_from(
         await expect(page.locator(".sources").last.locator("summary")).to_have_text(
             re.compile(r"^memories used \(\d\)$")
         )
+
+
+@pytest.mark.slow
+async def test_a_newcomer_tells_smollm2_a_fact_in_the_page_and_gets_it_back(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The issue's newcomer, in the page, with the documented model (`serve --model
+    smollm2-135m-recall`): a fact, then ~1,500 tokens of other talk (real dialogue, three times
+    the 512-token window), then the plain question; the answer has the fact, and its memories
+    name the message that told it (beside the long one, which holds most of the attention)."""
+    import random
+
+    from agent_runtime.config import EngineConfig
+    from agent_runtime.training.chat_eval import chitchat_lines
+    from tests.server.test_pretrained_serving import _test_data
+
+    data = _test_data()
+    model = load_model(EngineConfig(model="smollm2-135m-recall"), data)
+    lines = chitchat_lines(data)
+    rng = random.Random(3)
+    config = make_config(tmp_path)
+    config.generation.max_tokens = 16
+    async with running_server(config, model) as server:
+        page = await open_page(browser, server.port)
+        page.set_default_timeout(WAIT_MS * 20)  # a CPU prefill of ~1,500 tokens per reply
+        await expect(page.locator("#status")).to_have_text(re.compile(r"^session sess_\w+$"))
+        await send(page, "My sister's name is Quenova.")
+        await reply_finished(page, 1)
+        filler: list[str] = []
+        while len(model.encode_turn("user", " ".join(filler))) < 1500:
+            filler.append(rng.choice(lines))
+        await send(page, " ".join(filler))
+        await reply_finished(page, 2)
+        await send(page, "What is my sister called?")
+        await reply_finished(page, 3)
+        await expect(page.locator(".msg.assistant").nth(2)).to_contain_text("Quenova")
+        bank = next(iter(server.sessions.sessions.values())).bank
+        assert (await server.engine.call(bank.stats)).entries > 1000  # the fact left the window
+        sources = page.locator(".sources").last
+        await sources.locator("summary").click()
+        told = sources.locator("li", has_text="from your message 1")  # among the sources listed
+        await expect(told).to_contain_text("Quenova")

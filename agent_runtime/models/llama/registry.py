@@ -57,7 +57,7 @@ _CHUNK = 1 << 20
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 # sha256 of checkpoints/smollm2-135m-recall.adapter.safetensors (see docs/models.md,
 # "Fine-tuning", for the command that made it)
-_RECALL_ADAPTER_SHA256 = "5f0f53968068e330eacfacf17a8ce7460405fbfbc06299eed703be3257a9fcad"
+_RECALL_ADAPTER_SHA256 = "ea4a890fcaa12d0c7da6395d92f2578109c496ddcadfd65b2d145ba6125e04b4"
 
 
 @dataclass(frozen=True)
