@@ -680,15 +680,15 @@ class MemoryBank:
         """
         c = self.config
         st = self._store
-        all_keys = self._index.reconstruct(np.arange(st.hwm, dtype=np.int64))
+        keys = self._index.copy_parts()  # on this thread: adds may grow the flat index later
         live = st.live_slots()
         if c.ivf_build == "inline":
-            self._index = _build_ivf(c, self.key_dim, self.parts, all_keys, live)
+            self._index = _build_ivf(c, self.key_dim, keys, live)
             return
         global _ivf_pool
         if _ivf_pool is None:
             _ivf_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-ivf")
-        future = _ivf_pool.submit(_build_ivf, c, self.key_dim, self.parts, all_keys, live)
+        future = _ivf_pool.submit(_build_ivf, c, self.key_dim, keys, live)
         self._ivf_build = _IVFBuild(future, rows=st.hwm, due=self._added_total + 1)
 
     def _finish_ivf(self) -> None:
@@ -732,31 +732,27 @@ class _IVFBuild:
     """Slots rewritten since the build started (below ``rows``: their keys changed)."""
 
 
-def _build_ivf(
-    c: MemoryConfig, key_dim: int, parts: int, all_keys: np.ndarray, live: np.ndarray
-) -> KeyIndex:
-    """An IVF index (one per part) trained on a sample of the ``live`` rows of ``all_keys``,
-    holding every row of it. Reads only its arguments: it runs on the worker thread."""
-    if parts == 1:
+def _build_ivf(c: MemoryConfig, key_dim: int, keys: list[np.ndarray], live: np.ndarray) -> KeyIndex:
+    """An IVF index (one per part of ``keys``) trained on a sample of the ``live`` rows and
+    holding every row. Reads only its arguments: it runs on the worker thread."""
+    if len(keys) == 1:
         nlist = c.nlist()
         step = max(1, live.shape[0] // (64 * nlist))
-        sample = np.ascontiguousarray(all_keys[live[::step]])
+        sample = np.ascontiguousarray(keys[0][live[::step]])
         ivf = IVFKeys.train(key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
-        ivf.append(all_keys)
+        ivf.append(keys[0])
         return ivf
     nlist = c.part_nlist()
     step = max(1, live.shape[0] // (40 * nlist))
-    d = key_dim // parts
     indexes: list[KeyIndex] = []
-    for p in range(parts):
-        part = np.ascontiguousarray(all_keys[:, p * d : (p + 1) * d])
+    for part in keys:
         ivf = IVFKeys.train(
-            d, c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
+            part.shape[1], c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
             c.ivf_nprobe, c.threads, iterations=10,
         )  # fmt: skip
         ivf.append(part)
         indexes.append(ivf)
-    return PartitionedKeys(key_dim, c.ivf_storage, parts, indexes)
+    return PartitionedKeys(key_dim, c.ivf_storage, len(keys), indexes)
 
 
 _ivf_pool: ThreadPoolExecutor | None = None

@@ -69,6 +69,11 @@ class KeyIndex:
     def overwrite(self, rows: np.ndarray, keys: np.ndarray) -> None:
         raise NotImplementedError
 
+    def copy_parts(self) -> list[np.ndarray]:
+        """Every row's stored keys as float32 copies, one array per part (flat indexes: what
+        an IVF build starts from)."""
+        raise NotImplementedError
+
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
         """Stored keys of ``rows`` decoded to float32 (exact for fp32 storage)."""
         raise NotImplementedError
@@ -164,6 +169,10 @@ class FlatKeys(KeyIndex):
         if part != 0:
             raise MemoryBankError(f"this key index has one part, not part {part}")
         return self.reconstruct(rows)
+
+    def copy_parts(self) -> list[np.ndarray]:
+        """Every row's stored key as one float32 array (a copy: one contiguous pass)."""
+        return [np.array(self._matrix(), dtype=np.float32)]
 
     def nbytes(self) -> int:
         return self.ntotal * self.code_size
@@ -362,6 +371,10 @@ class PartitionedKeys(KeyIndex):
     def part_keys(self, part: int, rows: np.ndarray) -> np.ndarray:
         """Stored keys of ``rows`` (any shape) in one part, float32, shape ``rows.shape + (d,)``."""
         return self.indexes[part].part_keys(0, rows)
+
+    def copy_parts(self) -> list[np.ndarray]:
+        """Every row's stored keys, one float32 array per part (copies)."""
+        return [keys for index in self.indexes for keys in index.copy_parts()]
 
     def search(
         self,
