@@ -260,6 +260,36 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ivf_switch(
+    parts: int, part_dim: int, threshold: int, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """What the move to IVF costs the engine thread: a bank with ``parts`` parts (a pretrained
+    decoder's) filled in four adds to ``threshold`` entries, with the build ``inline`` and in
+    the ``background``, alternating (twice each): the add that crosses, a plain add before
+    it, and the wait of ``build_index()`` right after (the background's whole build)."""
+    rows = []
+    block = threshold // 4
+    for mode in ("inline", "background") * 2:
+        cfg = MemoryConfig(part_ann_threshold=threshold, ivf_build=mode, value_storage="fp16")
+        bank = MemoryBank(parts * part_dim, parts * part_dim, cfg, parts=parts)
+        times = []
+        for _ in range(4):
+            keys = rng.standard_normal((block, parts * part_dim), dtype=np.float32)
+            started = time.perf_counter()
+            bank.add(keys, keys * 0.1)
+            times.append(time.perf_counter() - started)
+        wait = _timed(bank.build_index)
+        assert bank.stats().index == "ivf"
+        rows.append(
+            {
+                "build": mode, "parts": parts, "part_dim": part_dim, "entries": threshold,
+                "crossing_add_s": times[-1], "plain_add_s": times[-2], "build_index_wait_s": wait,
+            }
+        )  # fmt: skip
+        bank.close()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="agent-runtime bench memory", description=__doc__.splitlines()[0]
@@ -274,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captured", metavar="PATH.npz", default="benchmarks/memory/captured_keys.npz")
     p.add_argument(
         "--table", metavar="PATH.json", help="print a results file as Markdown tables and exit"
+    )
+    p.add_argument(
+        "--ivf-switch",
+        default=None,
+        metavar="PARTSxDIMxENTRIES",
+        help="the move-to-IVF pause of a bank with parts (default 90x64x16384, SmolLM2's"
+        " memory at serving's threshold; quick: 6x16x1024; 'none' skips it)",
     )
     args = p.parse_args(argv)
     if args.table:
@@ -302,9 +339,25 @@ def main(argv: list[str] | None = None) -> int:
         "k": K,
         "rows": [],
         "multi_session": [],
+        "ivf_switch": [],
         "notes": [],
     }
     print(f"measured single-thread read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    spec = args.ivf_switch or ("6x16x1024" if args.quick else "90x64x16384")
+    if spec != "none":
+        try:
+            parts, part_dim, entries = (int(x) for x in spec.lower().split("x"))
+        except ValueError:
+            p.error(f"--ivf-switch {spec!r}: expected PARTSxDIMxENTRIES, e.g. 90x64x16384")
+        for row in ivf_switch(parts, part_dim, entries, rng):
+            out["ivf_switch"].append(row)
+            print(
+                f"ivf switch ({row['build']}, {parts} parts x {part_dim}, {entries} entries):"
+                f" crossing add {row['crossing_add_s']:.2f} s (a plain add"
+                f" {row['plain_add_s']:.2f} s), then build_index() waited"
+                f" {row['build_index_wait_s']:.2f} s",
+                flush=True,
+            )
 
     def emit(row: dict[str, Any]) -> None:
         out["rows"].append(row)

@@ -42,5 +42,8 @@ def test_bench_smoke_writes_all_columns(tmp_path: Path) -> None:
             assert row["recall_at_32"] == 1.0
             assert row["x_bandwidth_bound"] > 0
     assert {m["threads"] for m in result["multi_session"]} == {1, 2}
+    switch = result["ivf_switch"]  # the move to IVF, inline and in the background, alternating
+    assert [r["build"] for r in switch] == ["inline", "background"] * 2
+    assert all(r["crossing_add_s"] > 0 and r["build_index_wait_s"] >= 0 for r in switch)
     assert result["machine"]["bandwidth_gb_s"] > 0
     assert any("captured keys not found" in note for note in result["notes"])
