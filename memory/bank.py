@@ -43,7 +43,7 @@ from memory.durable import (
     recover,
     replay_error,
 )
-from memory.index import FlatKeys, IVFKeys, KeyIndex, PartitionedKeys
+from memory.index import FlatKeys, KeyIndex, PartitionedKeys, build_ivf
 from memory.persist import Cipher
 from memory.policy import MinQueue, expiry_keys, fifo_keys, importance_keys
 from memory.results import BankStats, SearchResult
@@ -683,12 +683,12 @@ class MemoryBank:
         keys = self._index.copy_parts()  # on this thread: adds may grow the flat index later
         live = st.live_slots()
         if c.ivf_build == "inline":
-            self._index = _build_ivf(c, self.key_dim, keys, live)
+            self._index = build_ivf(c, self.key_dim, keys, live)
             return
         global _ivf_pool
         if _ivf_pool is None:
             _ivf_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-ivf")
-        future = _ivf_pool.submit(_build_ivf, c, self.key_dim, keys, live)
+        future = _ivf_pool.submit(build_ivf, c, self.key_dim, keys, live)
         self._ivf_build = _IVFBuild(future, rows=st.hwm, due=self._added_total + 1)
 
     def _finish_ivf(self) -> None:
@@ -730,29 +730,6 @@ class _IVFBuild:
     due: int
     reused: list[np.ndarray] = field(default_factory=list)
     """Slots rewritten since the build started (below ``rows``: their keys changed)."""
-
-
-def _build_ivf(c: MemoryConfig, key_dim: int, keys: list[np.ndarray], live: np.ndarray) -> KeyIndex:
-    """An IVF index (one per part of ``keys``) trained on a sample of the ``live`` rows and
-    holding every row. Reads only its arguments: it runs on the worker thread."""
-    if len(keys) == 1:
-        nlist = c.nlist()
-        step = max(1, live.shape[0] // (64 * nlist))
-        sample = np.ascontiguousarray(keys[0][live[::step]])
-        ivf = IVFKeys.train(key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
-        ivf.append(keys[0])
-        return ivf
-    nlist = c.part_nlist()
-    step = max(1, live.shape[0] // (40 * nlist))
-    indexes: list[KeyIndex] = []
-    for part in keys:
-        ivf = IVFKeys.train(
-            part.shape[1], c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
-            c.ivf_nprobe, c.threads, iterations=10,
-        )  # fmt: skip
-        ivf.append(part)
-        indexes.append(ivf)
-    return PartitionedKeys(key_dim, c.ivf_storage, len(keys), indexes)
 
 
 _ivf_pool: ThreadPoolExecutor | None = None

@@ -23,8 +23,9 @@ import faiss as _faiss_typed
 import numpy as np
 
 from agent_runtime.errors import BankFormatError, MemoryBankError
+from memory.config import MemoryConfig
 
-__all__ = ["FlatKeys", "IVFKeys", "KeyIndex", "PartitionedKeys", "load_index"]
+__all__ = ["FlatKeys", "IVFKeys", "KeyIndex", "PartitionedKeys", "build_ivf", "load_index"]
 
 # faiss ships partial stubs that miss SearchParameters keywords and DirectMap; use it untyped.
 faiss: Any = _faiss_typed
@@ -461,3 +462,26 @@ def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex
             raise BankFormatError("IVF key index lacks its direct map")
         return IVFKeys(dim, storage, index, nprobe)
     return FlatKeys(dim, storage, index)
+
+
+def build_ivf(c: MemoryConfig, key_dim: int, keys: list[np.ndarray], live: np.ndarray) -> KeyIndex:
+    """An IVF index (one per part of ``keys``) trained on a sample of the ``live`` rows and
+    holding every row. Reads only its arguments: it runs on the worker thread."""
+    if len(keys) == 1:
+        nlist = c.nlist()
+        step = max(1, live.shape[0] // (64 * nlist))
+        sample = np.ascontiguousarray(keys[0][live[::step]])
+        ivf = IVFKeys.train(key_dim, c.ivf_storage, nlist, sample, c.ivf_nprobe, c.threads)
+        ivf.append(keys[0])
+        return ivf
+    nlist = c.part_nlist()
+    step = max(1, live.shape[0] // (40 * nlist))
+    indexes: list[KeyIndex] = []
+    for part in keys:
+        ivf = IVFKeys.train(
+            part.shape[1], c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
+            c.ivf_nprobe, c.threads, iterations=10,
+        )  # fmt: skip
+        ivf.append(part)
+        indexes.append(ivf)
+    return PartitionedKeys(key_dim, c.ivf_storage, len(keys), indexes)
