@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ from memory.durable import (
     Operation,
     Prune,
     Remove,
+    Switch,
     Touch,
     meta_json,
     recover,
@@ -205,6 +207,8 @@ class MemoryBank:
             raise MemoryBankError("keys and values must be finite")
         if n == 0:
             return np.zeros(0, np.int64)
+        if self._ivf_build is not None and self._ivf_build.future.done():
+            self._finish_ivf()  # logged: replay brings its own build in at this very point
         now = self._now()
         if self._journal is not None:
             self._journal.add(now, keys, values, positions)
@@ -402,7 +406,8 @@ class MemoryBank:
         decay = np.exp2(-(latest[inverse] - times) / self.config.importance_half_life_s)
         weights = np.zeros(touched.shape[0], np.float64)
         np.add.at(weights, inverse, decay)
-        # one time for all (the common case: one step's searches) keeps the compact record
+        # hits of one time (one step's searches) keep the compact TOUCH record; hits pending
+        # across steps (the usual case between two adds) cost 8 more bytes per entry
         when: float | np.ndarray = float(latest[0]) if latest.min() == latest.max() else latest
         if self._journal is not None:
             self._journal.touch(when, touched, self._store.ids[touched], weights)
@@ -511,7 +516,7 @@ class MemoryBank:
         if parts != self.parts:
             raise BankFormatError(f"{_WHAT_STATE} has {parts} key parts, this bank {self.parts}")
         self._store, self._index = restored.store, restored.index
-        self._ivf_build = None
+        self._drop_ivf_build()
         self._pending_hits = []
         self._id_slots = None
         self._next_id = restored.counters["next_id"]
@@ -553,7 +558,7 @@ class MemoryBank:
                 self.sync()
         finally:
             self._closed = True
-            self._ivf_build = None  # a build still running is dropped with the bank
+            self._drop_ivf_build()  # a build still running is cancelled with the bank
             if self._journal is not None:
                 self._journal.close()
                 self._journal = None
@@ -601,12 +606,9 @@ class MemoryBank:
         self._evict_q.note(slots)
         if self._expire_q is not None:
             self._expire_q.note(slots)
-        build = self._ivf_build
-        if build is not None:
-            if reuse:
-                build.reused.append(slots[:reuse])
-            if self._added_total >= build.due:
-                self._finish_ivf()
+        if self._ivf_build is not None:
+            if reuse:  # these rows' keys changed after the build copied them
+                self._ivf_build.reused.append(slots[:reuse])
         elif self._wants_ivf():
             self._switch_to_ivf()
         return ids
@@ -655,6 +657,10 @@ class MemoryBank:
                 self._removed_since = True
             case Meta():
                 self.meta = op.meta
+            case Switch():
+                if self._ivf_build is None:
+                    raise ValueError("index switch record without an IVF build in progress")
+                self._finish_ivf(log=False)
 
     def _wants_ivf(self) -> bool:
         c = self.config
@@ -670,34 +676,41 @@ class MemoryBank:
         """Move every row into a new IVF index (one per part) trained on a sample of the live
         stored keys.
 
-        With ``ivf_build = "background"`` the k-means and the copy of the rows run on a worker
-        thread (FAISS releases the GIL), so the add that crossed the threshold returns at
-        once and the flat index keeps answering (exactly); the next add brings the new index
-        in (waiting for it only if it is not ready) together with the rows written since.
-        The switch therefore happens at a point fixed by the operations, never by timing: a
-        replayed log switches where the original did, and a snapshot taken in between brings
-        the new index in first.
+        With ``ivf_build = "background"`` the k-means and the filling of the new index run on
+        a worker thread (FAISS releases the GIL) from a copy of the keys taken here, so the add
+        that crossed the threshold returns at once and the flat index keeps answering,
+        exactly. The first add after the build has finished brings it in (with the rows
+        written since) and logs a ``SWITCH`` record there, so a replay brings its own build
+        (the same keys, the same sample, the same index) in at the same point: the switch
+        never depends on timing once written. A snapshot brings a pending build in first,
+        waiting for it.
         """
         c = self.config
-        st = self._store
-        keys = self._index.copy_parts()  # on this thread: adds may grow the flat index later
-        live = st.live_slots()
+        keys = self._index.copy_parts()  # on this thread: later adds may grow the flat index
+        live = self._store.live_slots()
         if c.ivf_build == "inline":
             self._index = build_ivf(c, self.key_dim, keys, live)
             return
         global _ivf_pool
-        if _ivf_pool is None:
+        if _ivf_pool is None:  # one worker: builds queue rather than take cores from serving
             _ivf_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-ivf")
-        future = _ivf_pool.submit(build_ivf, c, self.key_dim, keys, live)
-        self._ivf_build = _IVFBuild(future, rows=st.hwm, due=self._added_total + 1)
+        cancel = threading.Event()
+        future = _ivf_pool.submit(build_ivf, c, self.key_dim, keys, live, cancel)
+        self._ivf_build = _IVFBuild(future, (c, self.key_dim, keys, live), self._store.hwm, cancel)
 
-    def _finish_ivf(self) -> None:
-        """Bring the background-built index in: rows written since it was started are added
-        (or rewritten, for reused slots) from the flat index, then it replaces it."""
-        build, self._ivf_build = self._ivf_build, None
+    def _finish_ivf(self, *, log: bool = True) -> None:
+        """Bring a pending background build in (waiting for it): rows written since it started
+        are appended and slots reused since rewritten, from the flat index, then it replaces
+        the flat index (logged as ``SWITCH`` when ``log``). A build that failed on the worker
+        is redone here from the same copy of the keys, so the result does not depend on it."""
+        build = self._ivf_build
         if build is None:
             return
-        ivf = build.future.result()  # a FAISS failure surfaces here, as MemoryBankError
+        try:
+            ivf = build.future.result()
+        except Exception:  # a worker failure: the same build, inline (raises if it fails too)
+            ivf = build_ivf(*build.inputs)
+        self._ivf_build = None
         hwm = self._store.hwm
         flat = self._index
         if hwm > build.rows:
@@ -707,7 +720,16 @@ class MemoryBank:
             rows = rows[rows < build.rows]
             if rows.shape[0]:
                 ivf.overwrite(rows, flat.reconstruct(rows))
+        if log and self._journal is not None:
+            self._journal.switch()
         self._index = ivf
+
+    def _drop_ivf_build(self) -> None:
+        """Cancel a pending build (it stops at its next part) and forget it."""
+        if self._ivf_build is not None:
+            self._ivf_build.cancel.set()
+            self._ivf_build.future.cancel()
+            self._ivf_build = None
 
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
         live = self._store.live_slots()
@@ -722,12 +744,13 @@ class MemoryBank:
 
 @dataclass
 class _IVFBuild:
-    """An IVF index being built on the worker thread from the bank's first ``rows`` rows; it
-    replaces the flat index at the first add that brings ``added_total`` to ``due``."""
+    """An IVF index being built on the worker thread from the bank's first ``rows`` rows
+    (``inputs``: what :func:`build_ivf` was given, kept for a retry on this thread)."""
 
     future: Future[KeyIndex]
+    inputs: tuple[MemoryConfig, int, list[np.ndarray], np.ndarray]
     rows: int
-    due: int
+    cancel: threading.Event
     reused: list[np.ndarray] = field(default_factory=list)
     """Slots rewritten since the build started (below ``rows``: their keys changed)."""
 

@@ -34,6 +34,7 @@ from memory.persist import (
     META,
     PRUNE,
     REMOVE,
+    SWITCH,
     TOUCH,
     TOUCH_AT,
     Cipher,
@@ -53,6 +54,7 @@ __all__ = [
     "Prune",
     "Recovery",
     "Remove",
+    "Switch",
     "Touch",
     "meta_json",
     "read_state",
@@ -157,6 +159,14 @@ class Remove:
 
 
 @dataclass(frozen=True)
+class Switch:
+    """The bank's IVF index, built in the background since an earlier add, replaced the flat
+    one here (replay waits for its own build at this point)."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
 class Meta:
     """The bank's ``meta`` as of this point."""
 
@@ -164,7 +174,7 @@ class Meta:
     meta: dict[str, Any]
 
 
-Operation = Add | Touch | Prune | Remove | Meta
+Operation = Add | Touch | Prune | Remove | Meta | Switch
 
 
 def _split(body: bytes, offset: int, parts: list[tuple[str, int]]) -> list[np.ndarray]:
@@ -203,6 +213,10 @@ def _decode(rec: LogRecord, key_dim: int, value_dim: int) -> Operation:
     if rec.type == REMOVE:
         (ids,) = _split(body, 0, [("<i8", len(body) // 8)])
         return Remove(rec.seq, ids)
+    if rec.type == SWITCH:
+        if body:
+            raise ValueError("switch record has a body")
+        return Switch(rec.seq)
     if rec.type == META:
         meta = json.loads(body)
         if not isinstance(meta, dict):
@@ -275,6 +289,10 @@ class Journal:
             self._writer.append(TOUCH_AT, b"".join(record))
             return
         self._writer.append(TOUCH, b"".join([_TOUCH.pack(now, slots.shape[0]), *parts]))
+
+    def switch(self) -> None:
+        """Log that the background-built IVF index replaced the flat one here."""
+        self._writer.append(SWITCH, b"")
 
     def prune(self, now: float) -> None:
         """Log an expiry pass at ``now``."""

@@ -9,7 +9,10 @@ Threading (the machine has few cores, shared with the model): FAISS's OpenMP poo
 to one thread for every single-query and small-batch call (measured: a second thread makes
 a single flat query 2-3x slower) and raised to ``threads`` only for batches of queries (FAISS's
 GEMM path, whose OpenBLAS shares the same OpenMP pool). numpy never runs a BLAS call here, so
-its separate pthread pool stays idle and the pools never run at the same time.
+its separate pthread pool stays idle. The one exception is a bank's move to IVF built in the
+background (``memory.ivf_build``): its k-means runs on the bank's worker thread beside the
+engine's searches and the model, on one OpenMP thread of its own (``threads`` for the
+training), which is why there is a single such worker per process.
 
 This module (and the benchmark) is where faiss is imported; its errors become
 :class:`MemoryBankError` here.
@@ -17,6 +20,8 @@ This module (and the benchmark) is where faiss is imported; its errors become
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import CancelledError
 from typing import Any
 
 import faiss as _faiss_typed
@@ -464,9 +469,16 @@ def load_index(buf: np.ndarray, dim: int, storage: str, nprobe: int) -> KeyIndex
     return FlatKeys(dim, storage, index)
 
 
-def build_ivf(c: MemoryConfig, key_dim: int, keys: list[np.ndarray], live: np.ndarray) -> KeyIndex:
+def build_ivf(
+    c: MemoryConfig,
+    key_dim: int,
+    keys: list[np.ndarray],
+    live: np.ndarray,
+    cancel: threading.Event | None = None,
+) -> KeyIndex:
     """An IVF index (one per part of ``keys``) trained on a sample of the ``live`` rows and
-    holding every row. Reads only its arguments: it runs on the worker thread."""
+    holding every row. Reads only its arguments (it runs on the bank's worker thread); a set
+    ``cancel`` stops it between parts with :class:`CancelledError`."""
     if len(keys) == 1:
         nlist = c.nlist()
         step = max(1, live.shape[0] // (64 * nlist))
@@ -478,6 +490,8 @@ def build_ivf(c: MemoryConfig, key_dim: int, keys: list[np.ndarray], live: np.nd
     step = max(1, live.shape[0] // (40 * nlist))
     indexes: list[KeyIndex] = []
     for part in keys:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("the bank was closed")
         ivf = IVFKeys.train(
             part.shape[1], c.ivf_storage, nlist, np.ascontiguousarray(part[live[::step]]),
             c.ivf_nprobe, c.threads, iterations=10,

@@ -20,6 +20,11 @@ Log file::
     record*   <u32 body_len> <u32 crc32(seq, type, body)> <u64 seq> <u8 type> <body>
               body = payload, or cipher.seal(payload, aad=seq|type|generation) when sealed
 
+Logs are written as version 2 (records ADD, TOUCH, PRUNE, META, REMOVE, COMMIT and, new in
+2, TOUCH_AT and SWITCH); version 1 logs (without the two) are still read. Code that reads
+only version 1 refuses a version 2 log with a clear version error rather than taking its new
+records for corruption. Snapshots are version 1.
+
 Every length, digest and bound is checked before any byte reaches numpy or FAISS; failures
 raise :class:`BankFormatError`. The checksums catch torn and corrupted files; deliberate
 tampering is only detectable with a ``cipher`` (an AEAD, e.g. AES-GCM), which authenticates
@@ -53,7 +58,8 @@ __all__ = [
     "write_snapshot",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # snapshots
+LOG_VERSION = 2  # logs: version 2 adds the TOUCH_AT and SWITCH records
 SEALED = 1  # flags bit: bodies are sealed by a cipher
 SNAP_MAGIC = b"ARMBSNP1"
 LOG_MAGIC = b"ARMBLOG1"
@@ -66,8 +72,9 @@ MAX_RECORD = 1 << 30
 DTYPES = ("<f2", "<f4", "<f8", "<i8", "|b1", "|u1")
 
 # log record types
-ADD, TOUCH, PRUNE, META, REMOVE, COMMIT, TOUCH_AT = 1, 2, 3, 4, 5, 6, 7
-RECORD_TYPES = (ADD, TOUCH, PRUNE, META, REMOVE, COMMIT, TOUCH_AT)
+ADD, TOUCH, PRUNE, META, REMOVE, COMMIT, TOUCH_AT, SWITCH = 1, 2, 3, 4, 5, 6, 7, 8
+RECORD_TYPES = {1: (ADD, TOUCH, PRUNE, META, REMOVE, COMMIT), 2: (1, 2, 3, 4, 5, 6, 7, 8)}
+"""The record types each log version may hold."""
 
 
 class Cipher(Protocol):
@@ -255,7 +262,7 @@ class LogWriter:
         """Start an empty log (durably: file and directory entry are fsynced)."""
         flags = SEALED if cipher is not None else 0
         head = json.dumps(header, separators=(",", ":")).encode()
-        prefix = _LOG_HEAD.pack(LOG_MAGIC, FORMAT_VERSION, flags, generation, len(head)) + head
+        prefix = _LOG_HEAD.pack(LOG_MAGIC, LOG_VERSION, flags, generation, len(head)) + head
         try:
             atomic_write(path, [prefix, _digest(prefix)])
             fd = os.open(path, os.O_RDWR)
@@ -373,8 +380,11 @@ def read_log(path: Path, cipher: Cipher | None) -> LogScan:
     magic, version, flags, generation, head_len = _LOG_HEAD.unpack_from(data)
     if magic != LOG_MAGIC:
         raise BankFormatError(f"{name}: not a bank log")
-    if version != FORMAT_VERSION:
-        raise BankFormatError(f"{name}: format version {version}, this code reads {FORMAT_VERSION}")
+    if version not in RECORD_TYPES:
+        raise BankFormatError(
+            f"{name}: log format version {version}, this code reads {sorted(RECORD_TYPES)}"
+        )
+    types = RECORD_TYPES[version]
     end = _LOG_HEAD.size + head_len
     if end + _DIGEST > len(data) or _digest(data[:end]) != data[end : end + _DIGEST]:
         raise BankFormatError(f"{name}: log header checksum mismatch")
@@ -398,7 +408,7 @@ def read_log(path: Path, cipher: Cipher | None) -> LogScan:
             break  # torn (or a length that cannot be ours: nothing after it is trustworthy)
         body = data[pos + _REC.size : stop]
         good = zlib.crc32(body, zlib.crc32(struct.pack("<QB", seq, rtype))) == crc
-        if good and (seq != len(records) or rtype not in RECORD_TYPES):
+        if good and (seq != len(records) or rtype not in types):
             good = False
         if not good:
             if stop != len(data) and _commit_follows(data, stop, generation, flags, cipher):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agent_runtime import __version__
 from agent_runtime.config import positive_int, token_counts
 from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.models.byte import BUNDLED_CHECKPOINT
@@ -353,6 +354,9 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     lines = chitchat_lines(data_dir)
+    # with --json, every probe is journalled beside it until the run completes: a rerun of a
+    # stopped evaluation resumes (a finished one starts afresh: its journal is gone)
+    journal = args.json.with_name(args.json.name + ".probes.jsonl") if args.json else None
     rows = run_recall(
         chat,  # type: ignore[arg-type]
         lines,
@@ -366,9 +370,9 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
         memory=MemoryConfig(
             index=args.memory_index, part_ann_threshold=args.part_ann_threshold
         ).validate(),
-        # with --json, every probe is journalled beside it and a rerun resumes
-        journal=args.json.with_name(args.json.name + ".probes.jsonl") if args.json else None,
+        journal=journal,
         settings={
+            "version": __version__,
             "weights": getattr(chat, "weights_id", ""),
             "engine": [args.memory_layers, args.memory_k, args.memory_window],
             "sink_span": [args.memory_sink, args.memory_span],
@@ -378,6 +382,8 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        if journal is not None:
+            journal.unlink(missing_ok=True)
     return 0
 
 

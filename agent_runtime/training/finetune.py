@@ -214,7 +214,8 @@ def answer_loss(
 
     With ``keep_base`` > 0 (and the ``adapters``), plus ``keep_base`` times the mean KL
     divergence from the frozen base's next-token distribution to the adapted model's at every
-    other position (the system prompt, the filler dialogue, the facts and questions): the
+    other position (the system prompt, the filler dialogue, the facts and questions, and the
+    end-of-text padding of an example shorter than the sequence, a few tokens at most): the
     fine-tune learns to answer from context while its ordinary chat stays the base's, instead
     of drifting toward the answer form (or toward the filler corpus's style, as a loss on the
     filler replies does).

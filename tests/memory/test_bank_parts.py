@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import CancelledError
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from agent_runtime.errors import BankFormatError, ConfigError, MemoryBankError
 from memory import MemoryBank, MemoryConfig
+from tests.conftest import TIMEOUT
 
 P, D, DV = 3, 8, 4
 
@@ -161,8 +165,11 @@ def test_a_grown_bank_moves_every_part_to_ivf_and_keeps_finding_the_top_k(
         exact.add(keys, values, np.arange(i * 500, (i + 1) * 500))
         if i == 2:
             bank.snapshot()
-        # built in the background from the add that crosses 2048; the next add brings it in
-        assert bank.stats().index == ("ivf" if i * 500 >= 2048 else "flat")
+        # built in the background from the add that crosses 2048; the first add after it has
+        # finished brings it in (when depends on the worker; the log records where)
+        assert bank.stats().index == "flat" or (i + 1) * 500 > 2048
+    bank.build_index()
+    assert bank.stats().index == "ivf"
     queries = np.stack([centers[rng.integers(0, 40, 20)] for _ in range(P)])  # (P, 20, D)
     got, want = bank.search_parts(queries, 16), exact.search_parts(queries, 16)
     overlap = np.mean(
@@ -230,13 +237,24 @@ def test_an_ivf_bank_with_holes_never_returns_the_dead_and_keys_follow_their_row
 
 
 def test_the_move_to_ivf_is_built_off_the_add_and_equals_the_inline_build(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``ivf_build = background``: the add that crosses the threshold leaves the flat index
-    answering (exactly) while the IVF index trains on the worker thread; the next add brings
-    it in with what changed meanwhile (new rows, rows reused after removals and evictions).
-    The result answers exactly as the inline build of the same operations does, a snapshot
-    taken in between brings it in first, and a replay switches at the same add."""
+    answering (exactly) while the IVF index trains on the worker thread, and later adds do not
+    wait for it; the first add after it has finished brings it in with what changed meanwhile
+    (new rows, rows reused after removals and evictions) and logs the switch. The result
+    answers exactly as the inline build of the same operations does, and a replay of the log
+    switches at the same point."""
+    import memory.bank as bank_module
+
+    gate = threading.Event()  # holds the worker's build until the test lets it go
+    real = bank_module.build_ivf
+
+    def held(*args: Any) -> Any:
+        gate.wait(TIMEOUT)
+        return real(*args)
+
+    monkeypatch.setattr(bank_module, "build_ivf", held)
     rng = np.random.default_rng(11)
     centers = rng.standard_normal((20, D)).astype(np.float32) * 2
     common = dict(part_ann_threshold=1024, ivf_nprobe=4, ttl_s=0.0, capacity=1300)
@@ -251,17 +269,23 @@ def test_the_move_to_ivf_is_built_off_the_add_and_equals_the_inline_build(
         for b in (inline, bank, exact):
             getattr(b, op)(*args)
 
-    keys = _clustered_parts(rng, 1100, centers)
-    both("add", keys, rng.standard_normal((1100, P * DV)).astype(np.float32), np.arange(1100))
-    assert inline.stats().index == "ivf" and bank.stats().index == "flat"
+    def add(n: int, start: int) -> None:
+        keys = _clustered_parts(rng, n, centers)
+        values = rng.standard_normal((n, P * DV)).astype(np.float32)
+        both("add", keys, values, np.arange(start, start + n))
+
+    add(1100, 0)  # crosses 1024
+    assert inline.stats().index == "ivf" and bank.stats().index == "flat" and bank.index_building
     # while it builds, the flat index answers: exactly the exact bank's answers
-    np.testing.assert_array_equal(
-        bank.search_parts(queries, 8).ids, exact.search_parts(queries, 8).ids
-    )
+    got, want = bank.search_parts(queries, 8), exact.search_parts(queries, 8)
+    np.testing.assert_array_equal(got.ids, want.ids)
     both("remove", np.arange(0, 1100, 7))  # holes, reused by the next add
-    more = _clustered_parts(rng, 400, centers)  # 157 holes reused, 243 new rows, 43 evicted
-    both("add", more, rng.standard_normal((400, P * DV)).astype(np.float32), np.arange(1100, 1500))
-    assert bank.stats().index == "ivf"
+    add(150, 1100)  # the build is still held: this add does not wait for it
+    assert bank.stats().index == "flat" and bank.index_building
+    gate.set()
+    bank._ivf_build.future.result()  # type: ignore[union-attr]  # (finished, not yet in)
+    add(200, 1250)  # brings it in first, then adds to it; 50 evicted
+    assert bank.stats().index == "ivf" and not bank.index_building
     got, want = bank.search_parts(queries, 16), inline.search_parts(queries, 16)
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
@@ -273,17 +297,60 @@ def test_the_move_to_ivf_is_built_off_the_add_and_equals_the_inline_build(
     np.testing.assert_array_equal(again.search_parts(queries, 16).ids, got.ids)
     again.close()
 
-    # a snapshot while a build is pending brings it in first; closing one drops it
-    third = MemoryBank.open(tmp_path / "snap", P * D, P * DV, config, parts=P)
-    third.add(keys, rng.standard_normal((1100, P * DV)).astype(np.float32))
-    assert third.stats().index == "flat"
-    third.snapshot()
-    assert third.stats().index == "ivf"
-    third.close()
-    assert MemoryBank.open(tmp_path / "snap", P * D, P * DV, config, parts=P).stats().index == "ivf"
-    fourth = MemoryBank(P * D, P * DV, config, parts=P)
-    fourth.add(keys, rng.standard_normal((1100, P * DV)).astype(np.float32))
-    fourth.close()  # with the build still pending or done: nothing raised, nothing left
+
+def test_a_pending_build_comes_in_at_a_snapshot_is_redone_if_it_failed_and_is_cancelled_on_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import memory.bank as bank_module
+
+    rng = np.random.default_rng(12)
+    config = MemoryConfig(part_ann_threshold=1024, ttl_s=0.0)
+    keys, values = _entries(1100, seed=4)
+    snap = MemoryBank.open(tmp_path / "snap", P * D, P * DV, config, parts=P)
+    snap.add(keys, values)
+    assert snap.index_building
+    snap.snapshot()  # waits for the build and brings it in: a snapshot never holds a build
+    assert snap.stats().index == "ivf" and not snap.index_building
+    queries = rng.standard_normal((P, 4, D)).astype(np.float32)
+    want = snap.search_parts(queries, 8).ids
+    snap.close()
+    reopened = MemoryBank.open(tmp_path / "snap", P * D, P * DV, config, parts=P)
+    assert reopened.stats().index == "ivf"
+    np.testing.assert_array_equal(reopened.search_parts(queries, 8).ids, want)
+    reopened.close()
+
+    real, calls = bank_module.build_ivf, []
+
+    def fails_on_the_worker(*args: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory on the worker")
+        return real(*args)
+
+    monkeypatch.setattr(bank_module, "build_ivf", fails_on_the_worker)
+    retried = MemoryBank(P * D, P * DV, config, parts=P)
+    retried.add(keys, values)
+    retried.build_index()  # the worker's build failed: redone here, from the same copy
+    assert retried.stats().index == "ivf" and calls[0].startswith("memory-ivf")
+    assert calls[1] == threading.current_thread().name
+    np.testing.assert_array_equal(retried.search_parts(queries, 8).ids, want)
+    retried.close()
+
+    gate = threading.Event()
+
+    def held(*args: Any) -> Any:
+        gate.wait(TIMEOUT)
+        return real(*args)
+
+    monkeypatch.setattr(bank_module, "build_ivf", held)
+    dropped = MemoryBank(P * D, P * DV, config, parts=P)
+    dropped.add(keys, values)
+    build = dropped._ivf_build
+    assert build is not None
+    dropped.close()  # cancels it: it stops at its next part instead of training 90 of them
+    gate.set()
+    with pytest.raises(CancelledError):
+        build.future.result(TIMEOUT)
 
 
 def test_banks_written_before_the_background_build_replay_inline() -> None:

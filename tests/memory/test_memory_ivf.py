@@ -42,6 +42,7 @@ def test_ivf_recall_and_values_after_overflows(storage: str) -> None:
         values = keys[:, :DV] * 2
         bank.add(keys, values)
         exact.add(keys, values)
+    bank.build_index()  # in already, unless the worker is slower than these 30 adds
     assert bank.stats().index == "ivf" and exact.stats().index == "flat"
     np.testing.assert_array_equal(bank.live_ids(), exact.live_ids())
     queries = clustered(rng, 100, centers)
@@ -62,6 +63,7 @@ def test_ivf_bank_reloads_bit_identical(tmp_path: Path) -> None:
         bank.add(keys, keys[:, :DV])
         if i == 3:
             bank.snapshot()  # the switch to IVF happens after this, during the log's adds
+    bank.build_index()  # the background build is in (the log says where), whatever its timing
     bank.close()
     live = MemoryBank.open(tmp_path / "a", DK, DV, cfg)  # snapshot + replay through the IVF switch
     assert live.stats().index == "ivf"

@@ -240,3 +240,58 @@ def test_acknowledged_adds_survive_kill_9(tmp_path: Path) -> None:
     np.testing.assert_array_equal(values, (3.0 * keys[:, :DV] + 1.0).astype(np.float32))
     assert json.dumps(bank.meta) == "{}"
     bank.close()
+
+
+def _with_log_version(log: Path, version: int) -> None:
+    """Rewrite the log header's version field, with a matching header digest."""
+    from memory import persist
+
+    data = bytearray(log.read_bytes())
+    head = persist._LOG_HEAD
+    magic, _, flags, generation, head_len = head.unpack_from(data)
+    end = head.size + head_len
+    data[: head.size] = head.pack(magic, version, flags, generation, head_len)
+    data[end : end + persist._DIGEST] = persist._digest(bytes(data[:end]))
+    log.write_bytes(bytes(data))
+
+
+def test_version_1_logs_still_replay_and_an_unknown_version_is_named(tmp_path: Path) -> None:
+    """Logs are written as version 2 (TOUCH_AT and SWITCH records); a version 1 log, which
+    holds none of them, replays as before; a version the code does not know is one clear
+    error, and a version 2 record inside a version 1 log is corruption."""
+    rng = np.random.default_rng(3)
+    bank = MemoryBank.open(tmp_path / "b", DK, DV, MemoryConfig(capacity=50))
+    for _ in range(3):
+        bank.add(*kv(rng, 10))
+        bank.search(rng.standard_normal((2, DK)).astype(np.float32), 3)  # one time: TOUCH
+        bank.sync()
+    want = bank.live_ids()
+    bank.close()
+    (log,) = (tmp_path / "b").glob("log-*.wal")
+    assert int.from_bytes(log.read_bytes()[8:12], "little") == 2  # written as version 2
+    shutil.copytree(tmp_path / "b", tmp_path / "v1")
+    _with_log_version(next((tmp_path / "v1").glob("log-*.wal")), 1)
+    old = MemoryBank.open(tmp_path / "v1", DK, DV, MemoryConfig(capacity=50))
+    np.testing.assert_array_equal(old.live_ids(), want)
+    old.close()
+    shutil.copytree(tmp_path / "b", tmp_path / "v3")
+    _with_log_version(next((tmp_path / "v3").glob("log-*.wal")), 3)
+    with pytest.raises(BankFormatError, match=r"log format version 3, this code reads \[1, 2\]"):
+        MemoryBank.open(tmp_path / "v3", DK, DV, MemoryConfig(capacity=50))
+
+    clock = [1000.0]
+    spread = MemoryBank.open(
+        tmp_path / "t", DK, DV, MemoryConfig(capacity=50), clock=lambda: clock[0]
+    )
+    keys, values = kv(rng, 4)
+    spread.add(keys, values)
+    spread.search(keys[:1], 1)
+    clock[0] += 5
+    spread.search(keys[1:2], 1)  # two times pending: a TOUCH_AT record at the sync
+    spread.sync()
+    spread.add(*kv(rng, 2))
+    spread.sync()  # committed records after it
+    spread.close()
+    _with_log_version(next((tmp_path / "t").glob("log-*.wal")), 1)
+    with pytest.raises(BankFormatError, match="is corrupt, and committed records follow it"):
+        MemoryBank.open(tmp_path / "t", DK, DV, MemoryConfig(capacity=50))

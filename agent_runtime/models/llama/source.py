@@ -32,7 +32,9 @@ class PretrainedSource:
     ``weights_id`` is the first 12 hex digits of the SHA-256 of the file the weights came
     from: the GGUF (a registered model's cache records the one it was converted from, so
     both load paths of one file agree), or for another directory its ``model.safetensors``
-    (the index of a sharded one). ``description`` adds the model's name, for logs and reports.
+    (the index of a sharded one); for a registered fine-tune, which no single file holds, the
+    first 12 hex digits of the SHA-256 of its GGUF's and its adapter's hashes together.
+    ``description`` adds the model's name, for logs and reports.
     Hashing reads the whole file once per load (about 1 s per GB) unless the cache recorded it.
     """
 
