@@ -696,7 +696,7 @@ class MemoryBank:
             _ivf_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-ivf")
         cancel = threading.Event()
         future = _ivf_pool.submit(build_ivf, c, self.key_dim, keys, live, cancel)
-        self._ivf_build = _IVFBuild(future, (c, self.key_dim, keys, live), self._store.hwm, cancel)
+        self._ivf_build = _IVFBuild(future, (c, self.key_dim, keys, live), cancel)
 
     def _finish_ivf(self, *, log: bool = True) -> None:
         """Bring a pending background build in (waiting for it): rows written since it started
@@ -744,15 +744,19 @@ class MemoryBank:
 
 @dataclass
 class _IVFBuild:
-    """An IVF index being built on the worker thread from the bank's first ``rows`` rows
+    """An IVF index being built on the worker thread from a copy of the bank's keys
     (``inputs``: what :func:`build_ivf` was given, kept for a retry on this thread)."""
 
     future: Future[KeyIndex]
     inputs: tuple[MemoryConfig, int, list[np.ndarray], np.ndarray]
-    rows: int
     cancel: threading.Event
     reused: list[np.ndarray] = field(default_factory=list)
     """Slots rewritten since the build started (below ``rows``: their keys changed)."""
+
+    @property
+    def rows(self) -> int:
+        """Rows the build holds: those of the key copy it started from."""
+        return int(self.inputs[2][0].shape[0])
 
 
 _ivf_pool: ThreadPoolExecutor | None = None
