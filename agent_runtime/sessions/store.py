@@ -59,7 +59,9 @@ def connect(target: RedisTarget) -> tuple[Client, list[aioredis.Redis]]:
         return aioredis.from_url(target.url, decode_responses=True, **timeouts), []
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "sentinel":
-        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        # (through Any: redis-py annotates Sentinel's constructor only from 8.2 on)
+        sentinel_class: Any = Sentinel
+        sentinels = sentinel_class(
             list(target.hosts),
             sentinel_kwargs={
                 **timeouts,

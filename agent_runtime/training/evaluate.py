@@ -233,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--docs", type=int, default=4, help="ppl: synthetic documents when no --files"
     )
+    parser.add_argument(
+        "--document",
+        default="",
+        help="ppl with --model: a long real document fetched by name from a Debian package"
+        " (rcu-requirements, alsa-driver, kvm-api: the kernel's documentation)",
+    )
     parser.add_argument("--doc-len", type=int, default=8192, help="ppl: synthetic document length")
     parser.add_argument(
         "--bank-entries", type=int, default=65536, help="speed: memory entries in the bank"
@@ -345,7 +351,22 @@ def _pretrained_recall(args: argparse.Namespace) -> int:
     if args.task == "ppl":
         from agent_runtime.training.chat_eval import dialogue_document, run_ppl
 
-        document = dialogue_document(chat, data_dir, args.doc_len)  # type: ignore[arg-type]
+        if args.document or args.files:
+            from agent_runtime.training.documents import fetch_document
+
+            paths = (
+                [fetch_document(args.document, Path(data_dir) / "corpora")] if args.document else []
+            )
+            text = "\n\n".join(
+                p.read_text(encoding="utf-8", errors="replace") for p in [*paths, *args.files]
+            )
+            document = chat.encode_text(text)[: args.doc_len]
+            if len(document) <= args.scored:
+                raise AgentRuntimeError(
+                    f"the document has {len(document)} tokens: not more than --scored {args.scored}"
+                )
+        else:
+            document = dialogue_document(chat, data_dir, args.doc_len)  # type: ignore[arg-type]
         rows = run_ppl(chat, document, args.memory_sizes, args.scored)  # type: ignore[arg-type]
         for row in rows:
             print(json.dumps(row), flush=True)

@@ -1,0 +1,225 @@
+"""Why does a recall probe miss? Retrieval or reading, layer by layer, with the prefill cached.
+
+A 16K-token probe costs minutes of prefill on a CPU, and most levers (k, neighbour spans, which
+layers retrieve) act at the question. This script prefills each chosen probe of
+``eval recall`` (same seed and distance, so the same facts and filler) up to its question once,
+keeps that state (the window and the bank) in ``--cache``, and then asks the question under
+each variant from the same state. For every variant it reports the answer, whether it holds the
+value, and, at each step of the answer, how much of the memory attention went to the fact's
+tokens (the stated value's tokens and the whole statement), per memory layer.
+
+    python benchmarks/pretrained/recall_diagnose.py --model smollm2-135m-recall \
+        --distance 16000 --probes 2,4,5,7 --variants k=32 k=64 span=2 \
+        --json benchmarks/pretrained/recall_diagnose_16k.json
+
+A variant is ``key=value[,key=value]`` over the plan's ``k``, ``span`` and ``layers`` (which of
+the memory layers retrieve at the question, e.g. ``layers=10-29``); ``base`` is the plan as served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agent_runtime.config import EngineConfig
+from agent_runtime.models.llama import memory as llama_memory
+from agent_runtime.models.llama.registry import default_data_dir
+from agent_runtime.models.loader import load_model
+from agent_runtime.training.chat_eval import chitchat_lines, make_probes
+from memory import MemoryBank, MemoryConfig
+
+
+def parse_variant(text: str, plan: llama_memory.MemoryPlan) -> tuple[llama_memory.MemoryPlan, set]:
+    """A variant's plan and the memory layers allowed to retrieve (all, unless ``layers=``)."""
+    allowed = set(plan.layers)
+    if text == "base":
+        return plan, allowed
+    changes: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key in ("k", "span"):
+            changes[key] = int(value)
+        elif key == "layers":
+            lo, _, hi = value.partition("-")
+            allowed = set(range(int(lo), int(hi or lo) + 1)) & set(plan.layers)
+        else:
+            raise SystemExit(f"unknown variant key {key!r} in {text!r}")
+    return replace(plan, **changes), allowed
+
+
+def value_positions(chat: Any, offset: int, statement: str, value: str) -> tuple[range, range]:
+    """Positions of the statement turn, and of the tokens that spell the value in it."""
+    turn = chat.encode_turn("user", statement)
+    statement_range = range(offset, offset + len(turn))
+    text, hits = "", []
+    start = statement.find(value)
+    for i in range(len(turn)):
+        before = len(text)
+        text = chat.tokenizer.decode(turn[: i + 1])
+        # the turn's text has the template's header before the statement
+        head = text.find(statement[: max(1, start)]) if start >= 0 else -1
+        if head >= 0:
+            lo, hi = head + start, head + start + len(value)
+            if before < hi and len(text) > lo:
+                hits.append(offset + i)
+    value_range = range(min(hits), max(hits) + 1) if hits else range(0)
+    return statement_range, value_range
+
+
+class Recorder:
+    """Wraps the memory attention: per call (memory layer), the mass on the given positions."""
+
+    def __init__(self, plan_layers: tuple[int, ...]) -> None:
+        self.plan_layers = plan_layers
+        self.allowed: set[int] = set(plan_layers)
+        self.watch: dict[str, range] = {}
+        self.steps: list[dict[str, dict[int, float]]] = []
+        self.recording = False
+        self._orig = llama_memory._attend_row
+
+    def __enter__(self) -> Recorder:
+        orig = self._orig
+
+        def attend(rope, plan, state, layer, q, k, v, mem):  # type: ignore[no-untyped-def]
+            if mem is not None and layer not in self.allowed:
+                mem = None
+            out = orig(rope, plan, state, layer, q, k, v, mem)
+            if self.recording and mem is not None and mem.weights is not None:
+                pos = mem.positions[..., -1, :]  # (kv, g, n)
+                w = mem.weights[..., -1, :]  # the last query token's attention
+                heads = w.shape[0] * w.shape[1]
+                step = self.steps[-1]
+                for name, where in self.watch.items():
+                    inside = (pos >= where.start) & (pos < where.stop) & mem.mask[..., -1, :]
+                    step[name][layer] = float((w * inside).sum()) / heads
+                step["retrieved_any"][layer] = float(mem.weights[..., -1, :].sum()) / heads
+            return out
+
+        llama_memory._attend_row = attend  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        llama_memory._attend_row = self._orig  # type: ignore[assignment]
+
+    def new_step(self) -> None:
+        self.steps.append({name: {} for name in [*self.watch, "retrieved_any"]})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-recall")
+    parser.add_argument(
+        "--distance", type=int, default=16000, help="tokens of filler (eval recall's 16k is 16000)"
+    )
+    parser.add_argument("--probes", default="0", help="probe indices, as eval recall numbers them")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=["base"])
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/recall-diagnose"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data_dir = default_data_dir()
+    engine = EngineConfig(model=args.model)
+    engine.validate()
+    chat: Any = load_model(engine, data_dir)
+    lines = chitchat_lines(data_dir)
+    wanted = [int(i) for i in args.probes.split(",")]
+    probes = make_probes(chat, lines, args.distance, max(wanted) + 1, args.seed)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    parts, d = chat.memory_parts, chat.memory_dims[0]
+    rows = []
+    with Recorder(chat.plan.layers) as rec:
+        for i in wanted:
+            probe = probes[i]
+            body = [
+                t for m in probe.messages[:-1] for t in chat.encode_turn(m["role"], m["content"])
+            ]
+            question = chat.encode_turn("user", probe.messages[-1]["content"]) + list(
+                chat.reply_prefix
+            )
+            offset = len(chat.preamble("user"))
+            statement = probe.messages[0]["content"]
+            watch_statement, watch_value = value_positions(chat, offset, statement, probe.value)
+            cache = args.cache / f"{args.model}-{args.distance}-{args.seed}-{i}.pkl"
+            if cache.exists():
+                saved = pickle.loads(cache.read_bytes())
+            else:
+                began = time.perf_counter()
+                state = chat.new_state()
+                bank = MemoryBank(d, d, MemoryConfig(), parts=parts)
+                rec.recording = False
+                chat.prefill(state, body, bank)
+                saved = {"state": chat.save_state(state), "bank": bank.state_dict()}
+                cache.write_bytes(pickle.dumps(saved))
+                print(
+                    f"# probe {i}: prefilled {len(body)} tokens in {time.perf_counter() - began:.0f} s",
+                    flush=True,
+                )
+            for variant in args.variants:
+                plan, allowed = parse_variant(variant, chat.plan)
+                runner = chat.with_plan(plan)
+                state = runner.load_state(saved["state"])
+                bank = MemoryBank(d, d, MemoryConfig(), parts=parts)
+                bank.load_state_dict(saved["bank"])
+                rec.allowed = allowed
+                rec.watch = {"value": watch_value, "statement": watch_statement}
+                rec.steps = []
+                rec.recording = True
+                rec.new_step()
+                logits = runner.prefill(state, question, bank)
+                stream, text, tokens = runner.text_stream(), "", []
+                while logits is not None and len(tokens) < args.max_tokens:
+                    token = int((logits + runner.reply_mask).argmax())
+                    if token == runner.end_token:
+                        break
+                    tokens.append(token)
+                    text += stream.push(token)
+                    rec.new_step()
+                    out, _ = runner.decode([state], [token], [bank])
+                    logits = out[0]
+                text += stream.flush()
+                rec.recording = False
+                ok = probe.value.lower() in text.lower()
+                # the step that produced each answer token: mass on the value, summed over layers
+                per_step = [
+                    {
+                        "value": round(sum(s["value"].values()), 4),
+                        "statement": round(sum(s["statement"].values()), 4),
+                        "memory": round(sum(s["retrieved_any"].values()), 4),
+                    }
+                    for s in rec.steps
+                ]
+                best = max(range(len(per_step)), key=lambda j: per_step[j]["value"], default=0)
+                layers = rec.steps[best]["value"] if rec.steps else {}
+                top = sorted(layers.items(), key=lambda kv: -kv[1])[:6]
+                row = {
+                    "probe": i,
+                    "value": probe.value,
+                    "variant": variant,
+                    "ok": ok,
+                    "answer": text,
+                    "value_mass_first_step": per_step[0] if per_step else None,
+                    "value_mass_best_step": best,
+                    "value_mass_best": per_step[best] if per_step else None,
+                    "top_layers": [(layer, round(m, 4)) for layer, m in top],
+                    "layers_with_value": sum(1 for m in layers.values() if m > 0),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
