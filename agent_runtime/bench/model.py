@@ -274,6 +274,19 @@ def _load(args: argparse.Namespace, dtype: str) -> Any:
     return load_model(engine, args.data_dir or default_data_dir())
 
 
+def _with_plan(chat: Any, text: str) -> Any:
+    """``chat`` with ``k=N[,span=S][,sink=T]`` applied to its plan (a --plans item)."""
+    from dataclasses import replace
+
+    changes: dict[str, int] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("k", "span", "sink") or not value.isdigit():
+            build_parser().error(f"--plans: {item!r} is not k=N, span=N or sink=N")
+        changes[key] = int(value)
+    return chat.with_plan(replace(chat.plan, **changes).validate(chat.model.cfg.num_layers))
+
+
 def _dtypes(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in DTYPES]
@@ -334,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
         "float32,float32+float16",
     )
     parser.add_argument("--memory-k", type=int, default=32)
+    parser.add_argument(
+        "--plans",
+        nargs="+",
+        default=[],
+        help="memory plans to compare side by side instead of dtypes (the first dtype): "
+        "k=N[,span=S][,sink=T] each, e.g. --plans k=32 k=8,span=8",
+    )
     parser.add_argument("--memory-window", type=int, default=512)
     parser.add_argument("--steps", type=int, default=0, help="decode steps per round")
     parser.add_argument("--repeats", type=int, default=3)
@@ -350,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     chats = [_load(args, dtype) for dtype in args.dtype]
+    if args.plans:  # one dtype, several plans: the same timing, a plan per column
+        chats = [_with_plan(chats[0], text) for text in args.plans]
+        args.dtype = [f"{args.dtype[0]} {text}" for text in args.plans]
     out: dict[str, Any] = {
         "model": chats[0].describe(),
         "torch_threads": torch.get_num_threads(),
@@ -357,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     _time_dtypes(args, chats, out)
     out["accuracy"] = []
-    if len(chats) > 1:
+    if len(chats) > 1 and not args.plans:  # (plans agree without a bank: nothing to compare)
         tokens = chats[0].encode_text(_AGREEMENT_TEXT)[: 64 if args.quick else 512]
         reference = _agreement(chats[0], tokens, None)["logits"]
         for dtype, chat in zip(args.dtype[1:], chats[1:], strict=True):

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from agent_runtime.config import EngineConfig
@@ -81,6 +82,7 @@ class Recorder:
         self.plan_layers = plan_layers
         self.allowed: set[int] = set(plan_layers)
         self.watch: dict[str, range] = {}
+        self.statement_text = ""
         self.steps: list[dict[str, dict[int, float]]] = []
         self.recording = False
         self._orig = llama_memory._attend_row
@@ -101,6 +103,13 @@ class Recorder:
                     inside = (pos >= where.start) & (pos < where.stop) & mem.mask[..., -1, :]
                     step[name][layer] = float((w * inside).sum()) / heads
                 step["retrieved_any"][layer] = float(mem.weights[..., -1, :].sum()) / heads
+                where = self.watch.get("statement")
+                if where is not None:  # the mass on each token of the statement, all layers
+                    inside = (pos >= where.start) & (pos < where.stop) & mem.mask[..., -1, :]
+                    per: dict[int, float] = {}  # (a later chunk of a prefill replaces it)
+                    step["per_token"][layer] = per  # type: ignore[assignment]
+                    for p_, m_ in zip(pos[inside].tolist(), w[inside].tolist(), strict=True):
+                        per[p_] = per.get(p_, 0.0) + m_ / heads
             return out
 
         llama_memory._attend_row = attend  # type: ignore[assignment]
@@ -110,7 +119,48 @@ class Recorder:
         llama_memory._attend_row = self._orig  # type: ignore[assignment]
 
     def new_step(self) -> None:
-        self.steps.append({name: {} for name in [*self.watch, "retrieved_any"]})
+        self.steps.append({name: {} for name in [*self.watch, "retrieved_any", "per_token"]})
+
+
+def forced_value(runner: Any, rec: Recorder, restore: Any, question: list[int], probe: Any) -> dict:
+    """Teacher-forced, in the prefix form: log p of the value's tokens after the answer prefix,
+    and the memory attention on the value at the step that predicts its first token."""
+    state, bank = restore()
+    prefix = runner.tokenizer.encode(probe.prefix)
+    value = runner.tokenizer.encode(f"{probe.prefix} {probe.value}")[len(prefix) :]
+    rec.steps, rec.recording = [], True
+    rec.new_step()
+    logits = runner.prefill(state, [*question, *prefix], bank)
+    logp = []
+    for j, token in enumerate(value):
+        logp.append(float(torch.log_softmax(logits.float(), -1)[token]))
+        if j + 1 < len(value):
+            out, _ = runner.decode([state], [token], [bank])
+            logits = out[0]
+    rec.recording = False
+    first = rec.steps[0]
+    per_token: dict[int, float] = {}
+    for per in first["per_token"].values():
+        for pos, mass in per.items():  # type: ignore[attr-defined]
+            per_token[pos] = per_token.get(pos, 0.0) + mass
+    top = sorted(first["value"].items(), key=lambda kv: -kv[1])[:4]
+    return {
+        "logp": round(sum(logp), 3),
+        "p_first": round(float(np.exp(logp[0])), 4),
+        "value_mass": round(sum(first["value"].values()), 4),
+        "statement_mass": round(sum(first["statement"].values()), 4),
+        "top_layers": [(layer, round(m, 4)) for layer, m in top],
+        "statement_tokens": [
+            (runner.tokenizer.decode([tok]), round(per_token.get(pos, 0.0), 3))
+            for pos, tok in statement_tokens(runner, rec)
+        ],
+    }
+
+
+def statement_tokens(runner: Any, rec: Recorder) -> list[tuple[int, int]]:
+    where = rec.watch["statement"]
+    turn = runner.encode_turn("user", rec.statement_text)
+    return list(zip(range(where.start, where.stop), turn, strict=True))
 
 
 def main() -> int:
@@ -168,11 +218,17 @@ def main() -> int:
             for variant in args.variants:
                 plan, allowed = parse_variant(variant, chat.plan)
                 runner = chat.with_plan(plan)
-                state = runner.load_state(saved["state"])
-                bank = MemoryBank(d, d, MemoryConfig(), parts=parts)
-                bank.load_state_dict(saved["bank"])
+
+                def restore(runner: Any = runner, saved: Any = saved) -> tuple[Any, MemoryBank]:
+                    state = runner.load_state(saved["state"])
+                    bank = MemoryBank(d, d, MemoryConfig(), parts=parts)
+                    bank.load_state_dict(saved["bank"])
+                    return state, bank
+
+                state, bank = restore()
                 rec.allowed = allowed
                 rec.watch = {"value": watch_value, "statement": watch_statement}
+                rec.statement_text = statement
                 rec.steps = []
                 rec.recording = True
                 rec.new_step()
@@ -213,6 +269,7 @@ def main() -> int:
                     "value_mass_best": per_step[best] if per_step else None,
                     "top_layers": [(layer, round(m, 4)) for layer, m in top],
                     "layers_with_value": sum(1 for m in layers.values() if m > 0),
+                    "forced": forced_value(runner, rec, restore, question, probe),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)

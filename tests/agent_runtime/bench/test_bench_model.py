@@ -56,6 +56,25 @@ def test_dtypes_side_by_side_with_their_cost_in_accuracy(tmp_path: Path) -> None
     assert 0.8 <= row["top1_agreement"] <= 1
 
 
+def test_memory_plans_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plans.json"
+    argv = ["--quick", "--repeats", "1", "--index", "flat", "--bank-sizes", "0,512"]
+    assert main([*argv, "--plans", "k=4", "k=2,span=2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["dtype"], r["bank_entries"]) for r in result["decode"]] == [
+        ("float32 k=4", 0),
+        ("float32 k=2,span=2", 0),
+        ("float32 k=4", 512),
+        ("float32 k=2,span=2", 512),
+    ]
+    assert [p["dtype"] for p in result["prefill"]] == ["float32 k=4", "float32 k=2,span=2"]
+    assert result["accuracy"] == []
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--plans", "k=4,window=8"])
+    assert exc.value.code == 2
+    assert "--plans: 'window=8' is not k=N, span=N or sink=N" in capsys.readouterr().err
+
+
 def test_an_unknown_dtype_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--quick", "--dtype", "float32,int4"])
