@@ -148,10 +148,10 @@ class EngineConfig:
     """Tokens of local attention a pretrained decoder always keeps (a multiple of ``memory_block``)."""
     memory_block: int = 64
     """Tokens a pretrained decoder moves from its window to the bank at once."""
-    memory_k: int = 32
-    """Memories each query head of a pretrained decoder retrieves per token."""
-    memory_span: int = 0
-    """Neighbours on each side that come back with every memory a pretrained decoder retrieves."""
+    memory_k: int = 4
+    """Memories each query head of a pretrained decoder retrieves per token (each with ``memory_span`` neighbours on each side)."""
+    memory_span: int = 16
+    """Neighbours on each side that come back with every memory a pretrained decoder retrieves: a fact comes back with the words around it (InfLLM-style blocks; ``memory_k`` x (2 x span + 1) entries per head)."""
     memory_sink: int = 0
     """A pretrained decoder's first tokens kept in attention for the whole conversation (attention sinks)."""
     memory_exact: bool = False

@@ -265,6 +265,7 @@ def _load(args: argparse.Namespace, dtype: str) -> Any:
         model=args.model or "smollm2-135m-instruct",
         memory_layers=args.memory_layers[0],
         memory_k=args.memory_k,
+        memory_span=args.memory_span,
         memory_window=args.memory_window,
         device=args.device,
         dtype=dtype.split("+")[0],
@@ -346,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         "engine.vector_dtype); the first is the accuracy reference; default "
         "float32,float32+float16",
     )
-    parser.add_argument("--memory-k", type=int, default=32)
+    served = EngineConfig()
+    parser.add_argument("--memory-k", type=int, default=served.memory_k)
+    parser.add_argument("--memory-span", type=int, default=served.memory_span)
     parser.add_argument(
         "--plans",
         nargs="+",
@@ -354,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory plans to compare side by side instead of dtypes (the first dtype): "
         "k=N[,span=S][,sink=T] each, e.g. --plans k=32 k=8,span=8",
     )
-    parser.add_argument("--memory-window", type=int, default=512)
+    parser.add_argument("--memory-window", type=int, default=served.memory_window)
     parser.add_argument("--steps", type=int, default=0, help="decode steps per round")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=0)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from agent_runtime import __version__
-from agent_runtime.config import positive_int, token_counts
+from agent_runtime.config import EngineConfig, positive_int, token_counts
 from agent_runtime.errors import AgentRuntimeError
 from agent_runtime.models.byte import BUNDLED_CHECKPOINT
 from agent_runtime.models.byte.generation import GenerationState, decode_step, prefill
@@ -267,11 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     pretrained.add_argument(
         "--memory-layers", default="all", help="as serve's --engine-memory-layers"
     )
-    pretrained.add_argument("--memory-k", type=int, default=32, help="as --engine-memory-k")
-    pretrained.add_argument("--memory-sink", type=int, default=0, help="as --engine-memory-sink")
-    pretrained.add_argument("--memory-span", type=int, default=0, help="as --engine-memory-span")
+    served = EngineConfig()
     pretrained.add_argument(
-        "--memory-window", type=int, default=512, help="as --engine-memory-window"
+        "--memory-k", type=int, default=served.memory_k, help="as --engine-memory-k"
+    )
+    pretrained.add_argument(
+        "--memory-sink", type=int, default=served.memory_sink, help="as --engine-memory-sink"
+    )
+    pretrained.add_argument(
+        "--memory-span", type=int, default=served.memory_span, help="as --engine-memory-span"
+    )
+    pretrained.add_argument(
+        "--memory-window", type=int, default=served.memory_window, help="as --engine-memory-window"
     )
     pretrained.add_argument(
         "--modes", default="memory,window,full", help="memory, window (no memory), full (ceiling)"
@@ -330,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pretrained_recall(args: argparse.Namespace) -> int:
-    from agent_runtime.config import EngineConfig
     from agent_runtime.models.llama.registry import default_data_dir
     from agent_runtime.models.loader import load_model
     from agent_runtime.training.chat_eval import chitchat_lines, run_recall

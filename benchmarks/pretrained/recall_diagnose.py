@@ -13,7 +13,8 @@ tokens (the stated value's tokens and the whole statement), per memory layer.
         --json benchmarks/pretrained/recall_diagnose_16k.json
 
 A variant is ``key=value[,key=value]`` over the plan's ``k``, ``span`` and ``layers`` (which of
-the memory layers retrieve at the question, e.g. ``layers=10-29``); ``base`` is the plan as served.
+the memory layers retrieve at the question, e.g. ``layers=10-29``); ``base`` is the plan as served;
+``decode:VARIANT`` prefills the question as served and decodes the answer with the variant.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def forced_value(runner: Any, rec: Recorder, restore: Any, question: list[int], 
     value = runner.tokenizer.encode(f"{probe.prefix} {probe.value}")[len(prefix) :]
     rec.steps, rec.recording = [], True
     rec.new_step()
-    logits = runner.prefill(state, [*question, *prefix], bank)
+    logits = getattr(runner, "prefiller", runner).prefill(state, [*question, *prefix], bank)
     logp = []
     for j, token in enumerate(value):
         logp.append(float(torch.log_softmax(logits.float(), -1)[token]))
@@ -216,8 +217,11 @@ def main() -> int:
                     flush=True,
                 )
             for variant in args.variants:
-                plan, allowed = parse_variant(variant, chat.plan)
+                decode_only = variant.startswith("decode:")
+                plan, allowed = parse_variant(variant.removeprefix("decode:"), chat.plan)
                 runner = chat.with_plan(plan)
+                if decode_only:  # the question is prefilled with the plan as served
+                    runner.prefiller = chat
 
                 def restore(runner: Any = runner, saved: Any = saved) -> tuple[Any, MemoryBank]:
                     state = runner.load_state(saved["state"])
@@ -232,7 +236,7 @@ def main() -> int:
                 rec.steps = []
                 rec.recording = True
                 rec.new_step()
-                logits = runner.prefill(state, question, bank)
+                logits = getattr(runner, "prefiller", runner).prefill(state, question, bank)
                 stream, text, tokens = runner.text_stream(), "", []
                 while logits is not None and len(tokens) < args.max_tokens:
                     token = int((logits + runner.reply_mask).argmax())
