@@ -39,6 +39,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -275,17 +276,15 @@ def _load(args: argparse.Namespace, dtype: str) -> Any:
     return load_model(engine, args.data_dir or default_data_dir())
 
 
-def _with_plan(chat: Any, text: str) -> Any:
-    """``chat`` with ``k=N[,span=S][,sink=T]`` applied to its plan (a --plans item)."""
-    from dataclasses import replace
-
+def _plan_changes(text: str) -> dict[str, int]:
+    """The plan fields a --plans item sets: ``k=N[,span=S][,sink=T]``."""
     changes: dict[str, int] = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key not in ("k", "span", "sink") or not value.isdigit():
             build_parser().error(f"--plans: {item!r} is not k=N, span=N or sink=N")
         changes[key] = int(value)
-    return chat.with_plan(replace(chat.plan, **changes).validate(chat.model.cfg.num_layers))
+    return changes
 
 
 def _dtypes(text: str) -> list[str]:
@@ -355,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         help="memory plans to compare side by side instead of dtypes (the first dtype): "
-        "k=N[,span=S][,sink=T] each, e.g. --plans k=32 k=8,span=8",
+        "k=N[,span=S][,sink=T] each, applied to serve's plan, e.g. --plans k=32,span=0 "
+        "k=4,span=16",
     )
     parser.add_argument("--memory-window", type=int, default=served.memory_window)
     parser.add_argument("--steps", type=int, default=0, help="decode steps per round")
@@ -372,15 +372,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    chats = [_load(args, dtype) for dtype in args.dtype]
-    if args.plans:  # one dtype, several plans: the same timing, a plan per column
-        chats = [_with_plan(chats[0], text) for text in args.plans]
+    plans = [_plan_changes(text) for text in args.plans]  # refused before any model loads
+    if plans:  # one dtype (the first), several plans: the same timing, a plan per column
+        first = _load(args, args.dtype[0])
+        chats = [first.with_plan(replace(first.plan, **c).validate(first.model.cfg.num_layers))
+                 for c in plans]  # fmt: skip
         args.dtype = [f"{args.dtype[0]} {text}" for text in args.plans]
+    else:
+        chats = [_load(args, dtype) for dtype in args.dtype]
     out: dict[str, Any] = {
         "model": chats[0].describe(),
         "torch_threads": torch.get_num_threads(),
         "dtypes": args.dtype,
     }
+    if plans:
+        out["plans"] = [
+            {"label": label, "k": c.plan.k, "span": c.plan.span, "sink": c.plan.sink}
+            for label, c in zip(args.dtype, chats, strict=True)
+        ]
     _time_dtypes(args, chats, out)
     out["accuracy"] = []
     if len(chats) > 1 and not args.plans:  # (plans agree without a bank: nothing to compare)
@@ -485,8 +494,6 @@ def _time_dtypes(args: argparse.Namespace, chats: list[Any], out: dict[str, Any]
 
 
 def _bytes_per_token(args: argparse.Namespace, chat: Any) -> list[dict[str, Any]]:
-    from dataclasses import replace
-
     rows = []
     for choice in args.memory_layers:
         engine = EngineConfig(memory_layers=choice)

@@ -239,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         help="ppl with --model: a long real document fetched by name from a Debian package"
         " (rcu-requirements, alsa-driver, kvm-api: the kernel's documentation)",
     )
-    parser.add_argument("--doc-len", type=int, default=8192, help="ppl: synthetic document length")
+    parser.add_argument(
+        "--doc-len",
+        type=int,
+        default=8192,
+        help="ppl: document length in tokens (a --document or --model --files text is cut to it)",
+    )
     parser.add_argument(
         "--bank-entries", type=int, default=65536, help="speed: memory entries in the bank"
     )
@@ -301,6 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         "--scored", type=int, default=1024, help="ppl: score the document's last N tokens"
     )
     args = parser.parse_args(argv)
+    if args.document:
+        from agent_runtime.training.documents import DOCUMENTS
+
+        if not args.model:
+            parser.error("--document needs --model (the byte model reads --files)")
+        if args.document not in DOCUMENTS:
+            parser.error(f"--document: unknown {args.document!r}; known: {', '.join(DOCUMENTS)}")
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        parser.error(f"--files: no such file: {', '.join(missing)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:

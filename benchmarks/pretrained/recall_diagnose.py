@@ -9,19 +9,21 @@ value, and, at each step of the answer, how much of the memory attention went to
 tokens (the stated value's tokens and the whole statement), per memory layer.
 
     python benchmarks/pretrained/recall_diagnose.py --model smollm2-135m-recall \
-        --distance 16000 --probes 2,4,5,7 --variants k=32 k=64 span=2 \
-        --json benchmarks/pretrained/recall_diagnose_16k.json
+        --distance 16000 --probes 2,4,5,7 --memory-k 32 --memory-span 0 \
+        --variants base k=64 k=4,span=16 --json benchmarks/pretrained/recall_diagnose_16k.json
 
-A variant is ``key=value[,key=value]`` over the plan's ``k``, ``span`` and ``layers`` (which of
-the memory layers retrieve at the question, e.g. ``layers=10-29``); ``base`` is the plan as served;
-``decode:VARIANT`` prefills the question as served and decodes the answer with the variant.
+The probes are prefilled with ``--memory-k``/``--memory-span`` (serve's defaults unless given);
+a variant is ``key=value[,key=value]`` over that plan's ``k``, ``span`` and ``layers`` (which of
+the memory layers retrieve at the question, e.g. ``layers=10-29``); ``base`` is that plan;
+``decode:VARIANT`` prefills the question with that plan and decodes the answer with the variant.
+Each row records the plan it ran (``plan``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
+import os
 import sys
 import time
 from dataclasses import replace
@@ -164,6 +166,30 @@ def statement_tokens(runner: Any, rec: Recorder) -> list[tuple[int, int]]:
     return list(zip(range(where.start, where.stop), turn, strict=True))
 
 
+def save_cached(path: Path, saved: dict[str, Any]) -> None:
+    """The prefilled state as .npz (no pickle), written whole or not at all."""
+    bank = dict(saved["bank"])
+    arrays = bank.pop("arrays")
+    part = path.with_name(path.name + ".part")
+    with part.open("wb") as fh:
+        np.savez(
+            fh,
+            window=np.frombuffer(saved["state"], np.uint8),
+            bank_json=np.frombuffer(json.dumps(bank).encode(), np.uint8),
+            **{f"bank_{name}": array for name, array in arrays.items()},
+        )
+    os.replace(part, path)
+
+
+def load_cached(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as z:
+        bank = json.loads(z["bank_json"].tobytes())
+        bank["arrays"] = {
+            n[5:]: z[n] for n in z.files if n.startswith("bank_") and n != "bank_json"
+        }
+        return {"state": z["window"].tobytes(), "bank": bank}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-recall")
@@ -173,14 +199,24 @@ def main() -> int:
     parser.add_argument("--probes", default="0", help="probe indices, as eval recall numbers them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=["base"])
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/recall-diagnose"))
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "agent-runtime" / "recall-diagnose",
+        help="where prefilled states are kept (~740 MB per 16K probe)",
+    )
+    served = EngineConfig()
+    parser.add_argument(
+        "--memory-k", type=int, default=served.memory_k, help="the plan that prefills (as serve's)"
+    )
+    parser.add_argument("--memory-span", type=int, default=served.memory_span)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data_dir = default_data_dir()
-    engine = EngineConfig(model=args.model)
+    engine = EngineConfig(model=args.model, memory_k=args.memory_k, memory_span=args.memory_span)
     engine.validate()
     chat: Any = load_model(engine, data_dir)
     lines = chitchat_lines(data_dir)
@@ -201,9 +237,11 @@ def main() -> int:
             offset = len(chat.preamble("user"))
             statement = probe.messages[0]["content"]
             watch_statement, watch_value = value_positions(chat, offset, statement, probe.value)
-            cache = args.cache / f"{args.model}-{args.distance}-{args.seed}-{i}.pkl"
+            weights = getattr(chat, "weights_id", "")[:12]
+            plan = f"k{chat.plan.k}-span{chat.plan.span}"
+            cache = args.cache / f"{weights}-{plan}-{args.distance}-{args.seed}-{i}.npz"
             if cache.exists():
-                saved = pickle.loads(cache.read_bytes())
+                saved = load_cached(cache)
             else:
                 began = time.perf_counter()
                 state = chat.new_state()
@@ -211,7 +249,7 @@ def main() -> int:
                 rec.recording = False
                 chat.prefill(state, body, bank)
                 saved = {"state": chat.save_state(state), "bank": bank.state_dict()}
-                cache.write_bytes(pickle.dumps(saved))
+                save_cached(cache, saved)
                 print(
                     f"# probe {i}: prefilled {len(body)} tokens in {time.perf_counter() - began:.0f} s",
                     flush=True,
@@ -266,6 +304,7 @@ def main() -> int:
                     "probe": i,
                     "value": probe.value,
                     "variant": variant,
+                    "plan": {"k": plan.k, "span": plan.span},
                     "ok": ok,
                     "answer": text,
                     "value_mass_first_step": per_step[0] if per_step else None,

@@ -22,6 +22,8 @@ LLAMA_FLAGS = (
     "8",
     "--engine-memory-k",
     "4",
+    "--engine-memory-span",
+    "0",
 )
 
 

@@ -52,7 +52,9 @@ __all__ = ["LlamaState", "MemoryPlan", "forward_rows"]
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How a pretrained decoder uses its kNN memory (see the module docstring)."""
+    """How a pretrained decoder uses its kNN memory (see the module docstring). Serving builds
+    it from ``engine.memory_*`` (:class:`~agent_runtime.config.EngineConfig` holds the served
+    defaults: k 4 with 16 neighbours each side); the defaults here are the plain retrieval."""
 
     layers: tuple[int, ...]
     """Memory layers (0-based); the others attend to their window only."""

@@ -68,6 +68,8 @@ def test_memory_plans_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture
         ("float32 k=2,span=2", 512),
     ]
     assert [p["dtype"] for p in result["prefill"]] == ["float32 k=4", "float32 k=2,span=2"]
+    # each column ran its own plan (the tiny model's is k 4, no neighbours)
+    assert [(p["k"], p["span"]) for p in result["plans"]] == [(4, 0), (2, 2)]
     assert result["accuracy"] == []
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--plans", "k=4,window=8"])
