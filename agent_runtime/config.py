@@ -51,6 +51,12 @@ __all__ = [
 ]
 
 ENV_PREFIX = "AGENT_RUNTIME_"
+DEFAULT_MODEL = "smollm2-135m-recall"
+"""What ``serve`` serves when no model is named (docs/models.md, "The default")."""
+BUNDLED_MODEL = "bundled"
+"""``--model`` value for the byte model bundled with the package (``engine.checkpoint``'s when set)."""
+AUTO_MEMORY_FROM = 0.2
+"""``engine.memory_layers = auto``: memory on the layers from this fraction of the depth up."""
 
 
 @dataclass
@@ -135,15 +141,15 @@ class EngineConfig:
     """The inference engine: model checkpoint, device, batching."""
 
     checkpoint: str = ""
-    """Byte-model checkpoint path; empty uses the checkpoint bundled with the package."""
+    """Byte-model checkpoint to serve (with ``engine.model`` empty or ``bundled``); empty: the one bundled with the package."""
     model: str = field(default="", metadata={"alias": "--model"})
-    """Pretrained decoder to serve instead of the byte model: a registry name (``agent-runtime models list``), a GGUF file or a model directory."""
+    """Model to serve: a registry name (``agent-runtime models list``; fetched on first use), a GGUF file, a model directory, or ``bundled`` (the bundled byte model). Empty: ``smollm2-135m-recall``, or the byte model when ``engine.checkpoint`` is set."""
     dtype: str = "float32"
     """Weights and activations of a pretrained decoder: ``float32``, ``bfloat16`` or ``float16``."""
     vector_dtype: str = "auto"
     """A second copy of a pretrained decoder's weights for steps of one token (one session decoding), where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16`` (these two on a CPU only)."""
-    memory_layers: str = "all"
-    """Layers of a pretrained decoder that read and write the kNN memory: ``all``, ``none`` or indices (``4,8,12``)."""
+    memory_layers: str = "auto"
+    """Layers of a pretrained decoder that read and write the kNN memory: ``auto`` (the upper 80 %: 6-29 of SmolLM2's 30), ``all``, ``none``, or indices and ranges (``4,8,12``, ``15-29``)."""
     memory_window: int = 512
     """Tokens of local attention a pretrained decoder always keeps (a multiple of ``memory_block``)."""
     memory_block: int = 64
@@ -177,8 +183,12 @@ class EngineConfig:
         ConfigError.check_non_negative("engine.torch_threads", self.torch_threads)
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise ConfigError("engine.checkpoint", self.checkpoint, "no such file")
-        if self.checkpoint and self.model:
-            raise ConfigError("engine.model", self.model, "give either a model or a checkpoint")
+        if self.checkpoint and self.model not in ("", BUNDLED_MODEL):
+            raise ConfigError(
+                "engine.model",
+                self.model,
+                f"engine.checkpoint is a byte model: give --model {BUNDLED_MODEL} or no model with it",
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("engine.dtype", self.dtype, "must be float32, bfloat16 or float16")
         if self.vector_dtype not in ("auto", "none", "float16", "bfloat16"):
@@ -212,20 +222,34 @@ class EngineConfig:
             return None
         return self.vector_dtype
 
+    def pretrained(self) -> str:
+        """The pretrained decoder to serve (a registry name, file or directory), or ``""`` for
+        the byte model (``engine.checkpoint``'s, else the bundled one)."""
+        if self.model == BUNDLED_MODEL or (not self.model and self.checkpoint):
+            return ""
+        return self.model or DEFAULT_MODEL
+
     def memory_layer_indices(self, num_layers: int | None) -> tuple[int, ...]:
         """``memory_layers`` as indices (``num_layers`` None: syntax check only)."""
         text = self.memory_layers.strip().lower()
         if text == "all":
             return tuple(range(num_layers or 0))
+        if text == "auto":  # the lowest layers barely attend to memory (docs/models.md)
+            return tuple(range(round(AUTO_MEMORY_FROM * (num_layers or 0)), num_layers or 0))
         if text in ("none", ""):
             return ()
+        indices: tuple[int, ...] = ()
         try:
-            indices = tuple(int(part) for part in text.split(","))
+            for part in text.split(","):
+                first, dash, last = part.strip().partition("-")
+                if dash and (not first.strip() or int(last) < int(first)):
+                    raise ValueError(part)
+                indices += tuple(range(int(first), int(last) + 1)) if dash else (int(first),)
         except ValueError:
             raise ConfigError(
                 "engine.memory_layers",
                 self.memory_layers,
-                "must be all, none or layer indices like 4,8,12",
+                "must be all, none or layer indices and ranges like 4,8,12 or 15-29",
             ) from None
         if any(i < 0 or (num_layers is not None and i >= num_layers) for i in indices) or len(
             set(indices)

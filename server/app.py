@@ -148,7 +148,7 @@ class Server:
             self.sessions,
             self.auth,
             self.audit,
-            served_model_id(config),
+            served_model_id(config, model),
             self.websocket.displace,
             lambda: self._closing,
         )
@@ -340,10 +340,10 @@ class Server:
         return self.ready and self.sessions.storage.healthy and await self.store.ping()
 
 
-def served_model_id(config: RuntimeConfig) -> str:
-    """The ``model`` the OpenAI API serves: the ``--model`` name (a file's or directory's name),
-    or ``agent-runtime-bundled`` for the bundled byte model."""
-    model = config.engine.model
-    if not model:
+def served_model_id(config: RuntimeConfig, served: ChatModel[Any]) -> str:
+    """The ``model`` the OpenAI API serves: ``agent-runtime-bundled`` for a byte model, else
+    the pretrained model's name (a registry name; a file's or directory's name)."""
+    model = config.engine.pretrained()
+    if served.family == "byte" or not model:
         return "agent-runtime-bundled"
     return Path(model).name if ("/" in model or model.endswith(".gguf")) else model

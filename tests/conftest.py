@@ -44,6 +44,21 @@ def external_redis_available() -> bool:
         return False
 
 
+def offline_pip_env(*drop: str) -> dict[str, str]:
+    """This process's environment (less variables starting with ``drop``) with pip pointed at
+    an index that does not answer: a machine with no network, for first-start errors."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", *drop))}
+    env.update(
+        PIP_CONFIG_FILE=os.devnull,  # no find-links or extra index from the machine's config
+        PIP_INDEX_URL="http://127.0.0.1:9/",  # nothing listens on the discard port
+        PIP_NO_CACHE_DIR="1",
+        PIP_RETRIES="0",
+        PIP_TIMEOUT="5",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+    )
+    return env
+
+
 def make_config(tmp_path: Path, redis_url: str = "", **server: Any) -> RuntimeConfig:
     cfg = RuntimeConfig(
         store=StoreConfig(

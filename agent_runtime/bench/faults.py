@@ -326,7 +326,8 @@ def readyz(http: str) -> int:
         with urllib.request.urlopen(f"{http}/readyz", timeout=TIMEOUT_S) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        with exc:  # closed now, not left to the garbage collector
+            return int(exc.code)
 
 
 # -- the cost of a durable embedded Redis ------------------------------------------------------

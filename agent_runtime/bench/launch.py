@@ -3,6 +3,10 @@
 The server prints one ready line on stdout naming its websocket URL; :func:`serve_process`
 waits for it, yields a :class:`ServerProcess`, and on exit stops the server gracefully
 (SIGTERM, then SIGKILL after a timeout) and closes every pipe and file it opened.
+
+These servers run the bundled byte model (``--model bundled``) unless their arguments or
+environment name a model or a checkpoint: they measure and test the serving, not a model, and
+the byte model needs no download.
 """
 
 from __future__ import annotations
@@ -58,6 +62,19 @@ class ServerProcess:
             self.proc.stdout.close()
 
 
+def _model_args(args: Sequence[str], env: dict[str, str] | None, model: str | None) -> list[str]:
+    """``--model MODEL`` unless ``args`` or ``env`` choose the model (see the module doc)."""
+    if model is None or any(a.split("=", 1)[0] in _MODEL_FLAGS for a in args):
+        return []
+    environ = os.environ if env is None else env
+    if any(environ.get(f"AGENT_RUNTIME_ENGINE_{name}") for name in ("MODEL", "CHECKPOINT")):
+        return []
+    return ["--model", model]
+
+
+_MODEL_FLAGS = frozenset({"--model", "--engine-model", "--engine-checkpoint"})
+
+
 def start_server(
     data_dir: Path,
     *args: str,
@@ -65,14 +82,16 @@ def start_server(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    model: str | None = "bundled",
 ) -> ServerProcess:
     """Start ``python -m agent_runtime serve --port 0 --data-dir DATA_DIR ARGS...`` and wait
-    for its ready line; the caller stops it (:meth:`ServerProcess.stop`, :meth:`close`)."""
+    for its ready line; the caller stops it (:meth:`ServerProcess.stop`, :meth:`close`).
+    ``model``: the ``--model`` given when ARGS and ``env`` name none (None: serve's default)."""
     log_path = log_path or data_dir.with_name(data_dir.name + ".server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd: Sequence[str] = [
         sys.executable, "-m", "agent_runtime", "--log-level", "WARNING", "serve",
-        "--port", "0", "--data-dir", str(data_dir), *args,
+        "--port", "0", "--data-dir", str(data_dir), *_model_args(args, env, model), *args,
     ]  # fmt: skip
     log: IO[str]
     with open(log_path, "a", encoding="utf-8") as log:
@@ -101,9 +120,13 @@ def serve_process(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    model: str | None = "bundled",
 ) -> Iterator[ServerProcess]:
-    """``python -m agent_runtime serve --port 0 --data-dir DATA_DIR ARGS...``, stopped on exit."""
-    server = start_server(data_dir, *args, log_path=log_path, cwd=cwd, env=env, timeout=timeout)
+    """``python -m agent_runtime serve --port 0 --data-dir DATA_DIR ARGS...``, stopped on exit
+    (``model`` as for :func:`start_server`)."""
+    server = start_server(
+        data_dir, *args, log_path=log_path, cwd=cwd, env=env, timeout=timeout, model=model
+    )
     try:
         yield server
     finally:

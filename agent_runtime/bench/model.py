@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from agent_runtime.config import EngineConfig, token_counts
+from agent_runtime.errors import ConfigError
 
 __all__ = ["main"]
 
@@ -276,15 +277,43 @@ def _load(args: argparse.Namespace, dtype: str) -> Any:
     return load_model(engine, args.data_dir or default_data_dir())
 
 
-def _plan_changes(text: str) -> dict[str, int]:
-    """The plan fields a --plans item sets: ``k=N[,span=S][,sink=T]``."""
-    changes: dict[str, int] = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in ("k", "span", "sink") or not value.isdigit():
-            build_parser().error(f"--plans: {item!r} is not k=N, span=N or sink=N")
-        changes[key] = int(value)
+def _plan_changes(text: str) -> dict[str, Any]:
+    """The plan fields a --plans item sets: ``k=N[,span=S][,sink=T][,layers=L]``, ``L`` as
+    ``engine.memory_layers`` (``15-29``, ``4,9,14``: a piece without ``=`` goes on the layers)."""
+    items: list[list[str]] = []
+    for piece in text.split(","):
+        if "=" not in piece and items and items[-1][0] == "layers":
+            items[-1][1] += "," + piece
+        else:
+            key, _, value = piece.partition("=")
+            items.append([key.strip(), value.strip()])
+    changes: dict[str, Any] = {}
+    for key, value in items:
+        if key == "layers":
+            try:  # resolved against the model's layers once it is loaded ("all")
+                EngineConfig(memory_layers=value).memory_layer_indices(None)
+            except ConfigError as exc:
+                build_parser().error(f"--plans: {text!r}: {exc}")
+            changes[key] = value
+        elif key in ("k", "span", "sink") and value.isdigit():
+            changes[key] = int(value)
+        else:
+            build_parser().error(
+                f"--plans: {key}={value} in {text!r} is not k=N, span=N, sink=N or layers=L"
+            )
     return changes
+
+
+def _planned(chat: Any, changes: dict[str, Any]) -> Any:
+    """``chat``'s plan with a --plans item's changes (its layers resolved for this model)."""
+    num_layers = chat.model.cfg.num_layers
+    if "layers" in changes:
+        spec = changes["layers"]
+        changes = {
+            **changes,
+            "layers": EngineConfig(memory_layers=spec).memory_layer_indices(num_layers),
+        }
+    return replace(chat.plan, **changes).validate(num_layers)
 
 
 def _dtypes(text: str) -> list[str]:
@@ -327,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--memory-layers",
         nargs="+",
-        default=["all"],
-        help="layer choices to compare for bytes per token (the first is timed)",
+        default=[EngineConfig().memory_layers],
+        help="layer choices to compare for bytes per token (the first is timed; default: serve's)",
     )
     parser.add_argument(
         "--index",
@@ -354,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         help="memory plans to compare side by side instead of dtypes (the first dtype): "
-        "k=N[,span=S][,sink=T] each, applied to serve's plan, e.g. --plans k=32,span=0 "
+        "k=N[,span=S][,sink=T][,layers=L] each, applied to serve's plan, e.g. --plans k=32,span=0 "
         "k=4,span=16",
     )
     parser.add_argument("--memory-window", type=int, default=served.memory_window)
@@ -375,8 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = [_plan_changes(text) for text in args.plans]  # refused before any model loads
     if plans:  # one dtype (the first), several plans: the same timing, a plan per column
         first = _load(args, args.dtype[0])
-        chats = [first.with_plan(replace(first.plan, **c).validate(first.model.cfg.num_layers))
-                 for c in plans]  # fmt: skip
+        chats = [first.with_plan(_planned(first, c)) for c in plans]
         args.dtype = [f"{args.dtype[0]} {text}" for text in args.plans]
     else:
         chats = [_load(args, dtype) for dtype in args.dtype]
@@ -387,7 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if plans:
         out["plans"] = [
-            {"label": label, "k": c.plan.k, "span": c.plan.span, "sink": c.plan.sink}
+            {
+                "label": label,
+                "k": c.plan.k,
+                "span": c.plan.span,
+                "sink": c.plan.sink,
+                "layers": list(c.plan.layers),
+            }
             for label, c in zip(args.dtype, chats, strict=True)
         ]
     _time_dtypes(args, chats, out)
@@ -433,10 +467,13 @@ def _time_dtypes(args: argparse.Namespace, chats: list[Any], out: dict[str, Any]
     def label(dtype: str) -> str:
         return f"{dtype}, " if len(chats) > 1 else ""
 
+    # one bank serves every column: plans with fewer memory layers search its first parts
+    widest = max(chats, key=lambda c: c.memory_parts)
+
     decode = []
     for index in args.index:
         for size in sizes:
-            bank = _bank(chats[0], size, "fp32", 0, index, threshold)
+            bank = _bank(widest, size, "fp32", 0, index, threshold)
             kind = bank.stats().index
             rates = _decode_rates(chats, [bank], steps, args.repeats)
             for dtype, rate in zip(args.dtype, rates, strict=True):
@@ -464,10 +501,10 @@ def _time_dtypes(args: argparse.Namespace, chats: list[Any], out: dict[str, Any]
 
     out["batching"] = []
     for index in args.index:
-        first = _bank(chats[0], batch_bank, "fp32", 0, index, threshold)
+        first = _bank(widest, batch_bank, "fp32", 0, index, threshold)
         ones = _decode_rates(chats, [first], steps, args.repeats)
         banks = [first] + [
-            _bank(chats[0], batch_bank, "fp32", i, index, threshold) for i in range(1, args.batch)
+            _bank(widest, batch_bank, "fp32", i, index, threshold) for i in range(1, args.batch)
         ]
         manys = _decode_rates(chats, banks, steps, args.repeats)
         for dtype, one, many in zip(args.dtype, ones, manys, strict=True):

@@ -141,6 +141,8 @@ def _wait_ready(http: str) -> None:
             with urllib.request.urlopen(f"{http}/readyz", timeout=5) as resp:
                 if resp.status == 200:
                     return
+        except urllib.error.HTTPError as exc:
+            exc.close()  # not ready yet; closed now, not left to the garbage collector
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:

@@ -125,9 +125,11 @@ class ChatModel(Protocol[S]):
     memory_dims: tuple[int, int]
     """(key_dim, value_dim) of one memory entry."""
     memory_parts: int
+    """Heads an entry holds side by side (1: one key per token; see ``MemoryBank(parts=)``)."""
+    family: str
+    """``byte`` (the bundled byte model's family) or ``llama`` (pretrained decoders)."""
     card: str
     """What the model can and cannot do, in a sentence or two (shown on the web page)."""
-    """Heads an entry holds side by side (1: one key per token; see ``MemoryBank(parts=)``)."""
     block: int
     """Prefill granularity: a prompt is fed in chunks that never cross a multiple of ``block``."""
     end_token: int

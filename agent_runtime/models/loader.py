@@ -1,4 +1,5 @@
-"""Load the configured model: a pretrained decoder (``engine.model``), else a byte-model
+"""Load the configured model: a pretrained decoder (``engine.model``, by default
+``smollm2-135m-recall``), else (``--model bundled`` or ``engine.checkpoint``) a byte-model
 checkpoint file, else the bundled one, else an untrained byte model."""
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def load_model(config: EngineConfig, data_dir: Path | None = None) -> ChatModel[
         )
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    if config.model:
+    if config.pretrained():
         return _load_pretrained(config, data_dir or Path("agent-runtime-data"))
     path = Path(config.checkpoint) if config.checkpoint else BUNDLED_CHECKPOINT
     if path.is_file():
@@ -61,7 +62,7 @@ def _load_pretrained(config: EngineConfig, data_dir: Path) -> ChatModel[Any]:
 
     started = time.perf_counter()
     dtype = getattr(torch, config.dtype)
-    source = load_pretrained(config.model, data_dir, dtype=dtype)
+    source = load_pretrained(config.pretrained(), data_dir, dtype=dtype)
     model = LlamaModel.from_state_dict(source.config, source.state_dict, dtype=dtype)
     model = model.to(config.device)
     vector = config.vector_weights()

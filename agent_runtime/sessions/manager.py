@@ -452,7 +452,16 @@ class SessionManager:
                 code="storage_unavailable",
             ) from exc
         except (BankFormatError, CheckpointError, PrivacyError) as exc:
-            log.error("session files cannot be loaded: %s", exc)
+            # The usual cause after an upgrade or a flag change: the session was written by
+            # another model or memory layout (the default model, its memory layers); serving
+            # that one again reads it. Nothing of the conversation is in the message.
+            log.error(
+                "session files cannot be loaded: %s (this server serves %s; a session written by"
+                " another model or memory layout is read by serving that one: --model,"
+                " --engine-memory-layers)",
+                exc,
+                self.model.describe(),
+            )
             raise UnavailableError(
                 "the session's stored memory cannot be read; it was not changed",
                 code="session_unreadable",

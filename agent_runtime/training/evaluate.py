@@ -269,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     pretrained.add_argument(
         "--data-dir", type=Path, default=None, help="model and corpus cache (default: serve's)"
     )
-    pretrained.add_argument(
-        "--memory-layers", default="all", help="as serve's --engine-memory-layers"
-    )
     served = EngineConfig()
+    pretrained.add_argument(
+        "--memory-layers",
+        default=served.memory_layers,
+        help="as serve's --engine-memory-layers (default: serve's)",
+    )
     pretrained.add_argument(
         "--memory-k", type=int, default=served.memory_k, help="as --engine-memory-k"
     )

@@ -9,6 +9,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from agent_runtime.bench.launch import serve_process
 from tests.conftest import TIMEOUT
 
@@ -40,3 +42,37 @@ def test_serve_answers_the_quickstart_client_and_shuts_down_gracefully(tmp_path:
     assert (data / "sessions.rdb").exists() or list(data.glob("*.rdb")), (
         "embedded Redis lives in the data dir"
     )
+
+
+@pytest.mark.slow
+def test_serve_with_no_model_named_serves_the_pretrained_chat_model(tmp_path: Path) -> None:
+    """``agent-runtime serve`` alone serves SmolLM2 with the recall fine-tune (docs/models.md,
+    "The default"), pulled on first start; here the pull finds the tests' model cache."""
+    import json
+
+    from agent_runtime.config import DEFAULT_MODEL, EngineConfig
+    from agent_runtime.models.loader import load_model
+    from tests.server.test_pretrained_serving import _test_data
+
+    load_model(EngineConfig(model=DEFAULT_MODEL), _test_data())  # pulled once for all tests
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(_test_data() / "models", target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RUNTIME_ENGINE_")}
+    with serve_process(data, cwd=tmp_path, env=env, timeout=TIMEOUT * 12, model=None) as server:
+        with urllib.request.urlopen(f"{server.http}/v1/models", timeout=TIMEOUT) as resp:
+            listed = json.loads(resp.read())
+        request = urllib.request.Request(
+            f"{server.http}/v1/chat/completions",
+            data=json.dumps({
+                "model": DEFAULT_MODEL,
+                "messages": [{"role": "user", "content": "Hi! Who are you?"}],
+                "max_tokens": 12,
+            }).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=TIMEOUT * 6) as resp:
+            reply = json.loads(resp.read())
+    assert [m["id"] for m in listed["data"]] == [DEFAULT_MODEL]
+    assert reply["model"] == DEFAULT_MODEL
+    assert reply["usage"]["completion_tokens"] > 0 and reply["choices"][0]["message"]["content"]

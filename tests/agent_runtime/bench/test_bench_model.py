@@ -59,22 +59,28 @@ def test_dtypes_side_by_side_with_their_cost_in_accuracy(tmp_path: Path) -> None
 def test_memory_plans_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plans.json"
     argv = ["--quick", "--repeats", "1", "--index", "flat", "--bank-sizes", "0,512"]
-    assert main([*argv, "--plans", "k=4", "k=2,span=2", "--json", str(out)]) == 0
+    plans = ["k=4", "k=2,span=2", "layers=1,k=4", "layers=all"]
+    assert main([*argv, "--plans", *plans, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(r["dtype"], r["bank_entries"]) for r in result["decode"]] == [
-        ("float32 k=4", 0),
-        ("float32 k=2,span=2", 0),
-        ("float32 k=4", 512),
-        ("float32 k=2,span=2", 512),
+        (f"float32 {plan}", size) for size in (0, 512) for plan in plans
     ]
-    assert [p["dtype"] for p in result["prefill"]] == ["float32 k=4", "float32 k=2,span=2"]
-    # each column ran its own plan (the tiny model's is k 4, no neighbours)
-    assert [(p["k"], p["span"]) for p in result["plans"]] == [(4, 0), (2, 2)]
+    assert [p["dtype"] for p in result["prefill"]] == [f"float32 {plan}" for plan in plans]
+    # each column ran its own plan (the tiny model's is k 4, no neighbours, on both layers)
+    assert [(p["k"], p["span"], p["layers"]) for p in result["plans"]] == [
+        (4, 0, [0, 1]),
+        (2, 2, [0, 1]),
+        (4, 0, [1]),
+        (4, 0, [0, 1]),
+    ]
     assert result["accuracy"] == []
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--plans", "k=4,window=8"])
     assert exc.value.code == 2
-    assert "--plans: 'window=8' is not k=N, span=N or sink=N" in capsys.readouterr().err
+    assert "--plans: window=8 in 'k=4,window=8' is not k=N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--plans", "layers=3-1"])
+    assert "memory_layers" in capsys.readouterr().err
 
 
 def test_an_unknown_dtype_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
