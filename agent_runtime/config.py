@@ -147,7 +147,7 @@ class EngineConfig:
     dtype: str = "float32"
     """Weights and activations of a pretrained decoder: ``float32``, ``bfloat16`` or ``float16``."""
     vector_dtype: str = "auto"
-    """A second copy of a pretrained decoder's weights for steps of one token (one session decoding), where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16`` (these two on a CPU only)."""
+    """A second copy of a pretrained decoder's weights for decode steps of up to 4 sessions (read row by row), where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16`` (these two on a CPU only)."""
     memory_layers: str = "auto"
     """Layers of a pretrained decoder that read and write the kNN memory: ``auto`` (the upper 80 %: 6-29 of SmolLM2's 30), ``all``, ``none``, or indices and ranges (``4,8,12``, ``15-29``)."""
     memory_window: int = 512

@@ -316,11 +316,14 @@ def test_shard_missing_from_an_index_is_named(tmp_path: Path) -> None:
         load_hf_dir(tmp_path)
 
 
-def test_one_row_steps_use_the_half_precision_copy_and_every_other_step_the_weights() -> None:
+def test_steps_of_few_rows_use_the_half_precision_copy_and_larger_ones_the_weights() -> None:
     """``use_vector_weights``: a (1, 1) step reads the float16 copies (close to float32, not
-    equal), a step of several rows reads the float32 weights (bitwise the plain model's), an
-    overflowing half-precision product falls back, and the copies never reach the state dict."""
-    from agent_runtime.models.llama.model import Linear
+    equal), a step of more than ``VECTOR_ROWS`` rows reads the float32 weights (bitwise the
+    plain model's), an overflowing half-precision product falls back, and the copies never
+    reach the state dict."""
+    from agent_runtime.models.llama.model import VECTOR_ROWS, Linear
+
+    assert VECTOR_ROWS < 2 * 5  # ``many`` below is a full-precision step
 
     cfg = LlamaConfig.from_hf({**BASE, "model_type": "llama", "tie_word_embeddings": True})
     torch.manual_seed(0)
@@ -345,6 +348,25 @@ def test_one_row_steps_use_the_half_precision_copy_and_every_other_step_the_weig
     assert fast.vector_dtype is None
     with torch.no_grad():
         torch.testing.assert_close(fast(one), b, atol=0, rtol=0)
+
+
+def test_a_few_sessions_batched_get_exactly_the_logits_each_gets_alone() -> None:
+    """Up to ``VECTOR_ROWS`` one-token rows are computed row by row through the half-precision
+    copies, each exactly as a step of one session: batching a few sessions together changes
+    neither their logits nor their sampled tokens (bitwise)."""
+    from agent_runtime.models.llama.model import VECTOR_ROWS
+
+    cfg = LlamaConfig.from_hf({**BASE, "model_type": "llama", "tie_word_embeddings": True})
+    torch.manual_seed(2)
+    model = LlamaModel(cfg).eval()
+    model.use_vector_weights(torch.float16)
+    rows = torch.randint(0, VOCAB, (VECTOR_ROWS, 1))
+    with torch.no_grad():
+        together = model(rows)
+        for i in range(VECTOR_ROWS):
+            torch.testing.assert_close(together[i : i + 1], model(rows[i : i + 1]), atol=0, rtol=0)
+        plain = LlamaModel.from_state_dict(cfg, model.state_dict())
+        assert not torch.equal(together, plain(rows))  # it did read the half copies
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -125,13 +125,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tenso
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with an optional second, half-precision copy of its weight for one row.
+    """``nn.Linear`` with an optional second, half-precision copy of its weight for few rows.
 
     On CPUs without half-precision matrix units, a float16 matrix-*vector* product is ~1.7x
     faster than float32 (half the bytes to read), while float16 matrix products of several
-    rows are 2-5x *slower* (measured: ``agent-runtime bench model --dtype``). So a step that
-    computes one row (one session decoding one token) reads ``vector_weight``, and every other
-    call (prefill, batched decode) the full-precision ``weight``. Activations stay in the
+    rows are 2-5x *slower* (measured: ``agent-runtime bench model --dtype``). So a step of at
+    most :data:`VECTOR_ROWS` rows (a few sessions decoding one token each) reads
+    ``vector_weight`` one matrix-vector product per row, and every other call (prefill, larger
+    batches) the full-precision ``weight``. Activations stay in the
     model's dtype: only the product's input and output are rounded. A product that overflows
     half precision (not finite) is computed again with ``weight``. ``vector_weight`` is a plain
     attribute: never in the state dict.
@@ -143,8 +144,22 @@ class Linear(nn.Linear):
         return _linear(x, self.weight, self.bias, self.vector_weight)
 
 
+VECTOR_ROWS = 4
+"""Steps of at most this many rows read the half-precision copies (:class:`Linear`), one
+matrix-vector product per row. On this project's CPU (2 cores, AVX-512, MKL) the float32 matrix
+product of a whole SmolLM2 step costs about the same for 2 to 8 rows (65-100 ms) as
+float16 matrix-vector products for 5 to 7 rows (13 ms a row), so rows up to 4 are cheaper one
+by one (docs/models.md, "Batching few sessions"). Each row is computed exactly as a step of
+one session computes it: a session's logits do not depend on what is batched with it."""
+
+
+def _few_rows(x: Tensor) -> bool:
+    """Whether x (..., features) has at most :data:`VECTOR_ROWS` rows."""
+    return x.numel() <= VECTOR_ROWS * x.shape[-1]
+
+
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, vector: Tensor | None) -> Tensor:
-    if vector is not None and x.numel() == x.shape[-1]:  # one row
+    if vector is not None and _few_rows(x):
         y = _one_row(x, vector, bias)
         if y is not None:
             return y
@@ -152,8 +167,15 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, vector: Tensor | Non
 
 
 def _one_row(x: Tensor, vector: Tensor, bias: Tensor | None) -> Tensor | None:
-    """``x @ vector.T (+ bias)`` in ``vector``'s dtype, back in x's; None if it overflowed."""
-    y = F.linear(x.to(vector.dtype), vector).to(x.dtype)
+    """``x @ vector.T (+ bias)`` in ``vector``'s dtype, back in x's, one matrix-vector product
+    per row of x (each row as a one-row step computes it); None if it overflowed."""
+    features = x.shape[-1]
+    if x.numel() == features:
+        y = F.linear(x.to(vector.dtype), vector)
+    else:
+        rows = x.reshape(-1, 1, 1, features).to(vector.dtype)
+        y = torch.cat([F.linear(row, vector) for row in rows]).view(*x.shape[:-1], -1)
+    y = y.to(x.dtype)
     if not math.isfinite(float(y.sum())):  # an inf or NaN anywhere makes the sum one (one pass)
         return None
     return y if bias is None else y + bias
@@ -188,7 +210,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.sizes = (q_dim, kv_dim, kv_dim)
-        self.vector_qkv: tuple[Tensor, Tensor | None] | None = None  # q, k, v fused (one row)
+        self.vector_qkv: tuple[Tensor, Tensor | None] | None = None  # q, k, v fused (few rows)
 
 
 class MLP(nn.Module):
@@ -199,11 +221,11 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.vector_gate_up: tuple[Tensor, Tensor | None] | None = None  # fused (one row)
+        self.vector_gate_up: tuple[Tensor, Tensor | None] | None = None  # fused (few rows)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = self.vector_gate_up
-        if fused is not None and x.numel() == x.shape[-1]:
+        if fused is not None and _few_rows(x):
             both = _one_row(x, *fused)
             if both is not None:
                 gate, up = both.chunk(2, dim=-1)
@@ -232,7 +254,7 @@ class DecoderLayer(nn.Module):
         B, T, _ = x.shape
         h = self.input_layernorm(x)
         a = self.self_attn
-        if a.vector_qkv is not None and h.numel() == h.shape[-1]:
+        if a.vector_qkv is not None and _few_rows(h):
             qkv = _one_row(h, *a.vector_qkv)
             if qkv is not None:
                 q, k, v = torch.split(qkv, list(a.sizes), dim=-1)
@@ -297,7 +319,7 @@ class LlamaModel(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
-        self.vector_head: Tensor | None = None  # the head's weight for one row (see Linear)
+        self.vector_head: Tensor | None = None  # the head's weight for few rows (see Linear)
 
     @classmethod
     def from_state_dict(
@@ -372,8 +394,8 @@ class LlamaModel(nn.Module):
         return _linear(h, weight, None, self.vector_head)
 
     def use_vector_weights(self, dtype: torch.dtype | None) -> None:
-        """Give every projection and the head a ``dtype`` copy of its weight for steps of one
-        row (:class:`Linear`; +2 bytes per parameter for float16), or drop the copies (None).
+        """Give every projection and the head a ``dtype`` copy of its weight for steps of few
+        rows (:class:`Linear`; +2 bytes per parameter for float16), or drop the copies (None).
         The projections of one input are copied side by side (q, k and v; gate and up), so a
         one-row step reads each group in one matrix-vector product.
 
