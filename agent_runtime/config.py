@@ -593,7 +593,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=f"{section}.{f.name}",
                 default=None,
                 metavar=kind.__name__.upper(),
-                help=f"{docs.get(f.name, '')} [env {env}; default {default}]",
+                # argparse formats help with %: a literal one in a docstring must be doubled
+                help=f"{docs.get(f.name, '')} [env {env}; default {default}]".replace("%", "%%"),
             )
 
 

@@ -6,8 +6,9 @@ rows or fewer, the default) against float32 matrix products for every batch (``V
         --bank-sizes 0,16k --json benchmarks/pretrained/batch_rows.json
 
 Prints aggregate tokens/s per batch size for both settings (and the ratio of the new to the
-old), and the ratio of each batch's tokens/s to one session's. Random bank entries and a full
-window, as ``agent-runtime bench model`` times decode.
+old), and the ratio of each batch's tokens/s to one session's; ``--split`` also prints where a
+step's time goes at each batch size (``agent-runtime bench model --profile``'s timers). Random
+bank entries and a full window, as ``agent-runtime bench model`` times decode.
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ def _rates(
     return [statistics.median(rates[s]) for s in settings]
 
 
+def _split(chat: Any, banks: list[Any], steps: int) -> dict[str, float]:
+    """Milliseconds per step in each part (the default setting), and the whole step."""
+    states = [bench._full_window_state(chat, len(b), i) for i, b in enumerate(banks)]
+    chat.decode(states, [11] * len(banks), banks)  # warm-up
+    with bench._step_split() as spent:
+        started = time.perf_counter()
+        for _ in range(steps):
+            chat.decode(states, [11] * len(banks), banks)
+        step = (time.perf_counter() - started) / steps
+    out = {part: round(spent.get(part, 0.0) * 1e3 / steps, 1) for part in bench.SPLIT_PARTS}
+    out["other"] = round(step * 1e3 - sum(v for k, v in out.items() if k != "other"), 1)
+    out["step"] = round(step * 1e3, 1)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-recall")
@@ -65,6 +81,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", action="store_true", help="also time a step's parts")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,16 +94,21 @@ def main() -> int:
             banks = [bench._bank(chat, size, "fp32", i) for i in range(b)]
             new, old = _rates(chat, banks, settings, args.steps, args.repeats)
             base = base or [new, old]
-            rows.append({
+            row = {
                 "bank_entries": size, "sessions": b, "tokens_per_s": new, "before_tokens_per_s": old,
                 "speedup": new / old, "vs_one_session": new / base[0],
                 "before_vs_one_session": old / base[1],
-            })  # fmt: skip
+            }  # fmt: skip
+            if args.split:
+                row["step_split_ms"] = _split(chat, banks, args.steps)
+            rows.append(row)
             print(
                 f"bank {size:>6}, {b} sessions: {new:6.2f} tok/s (before {old:6.2f}: {new / old:.2f}x);"
                 f" vs one session {new / base[0]:.2f}x (before {old / base[1]:.2f}x)",
                 flush=True,
             )
+            if args.split:
+                print(f"  step split, {b} sessions (ms): {row['step_split_ms']}", flush=True)
             del banks
     out = {
         "model": chat.describe(),

@@ -76,3 +76,26 @@ def test_serve_with_no_model_named_serves_the_pretrained_chat_model(tmp_path: Pa
     assert [m["id"] for m in listed["data"]] == [DEFAULT_MODEL]
     assert reply["model"] == DEFAULT_MODEL
     assert reply["usage"]["completion_tokens"] > 0 and reply["choices"][0]["message"]["content"]
+
+
+def _every_command() -> list[list[str]]:
+    from agent_runtime.cli import BENCHES, TOOLS
+
+    return [["serve"], ["config"], *([name] for name in TOOLS), *(["bench", b] for b in BENCHES)]
+
+
+@pytest.mark.parametrize("command", _every_command(), ids=" ".join)
+def test_every_command_prints_its_help(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--help`` of every command prints its options and exits 0 (argparse formats help
+    with ``%``: a setting's docstring with a literal ``%`` once made ``serve --help`` crash)."""
+    from agent_runtime.cli import main
+
+    try:
+        code = main([*command, "--help"])
+    except SystemExit as exc:
+        code = exc.code  # type: ignore[assignment]
+    out = capsys.readouterr()
+    assert code in (0, None), (command, out.err[-2000:])
+    assert "usage:" in out.out and "Traceback" not in out.err
