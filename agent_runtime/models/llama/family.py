@@ -20,7 +20,7 @@ from torch import Tensor
 from agent_runtime.errors import CheckpointError
 from agent_runtime.models.base import StepStats, TextStream
 from agent_runtime.models.llama.memory import LlamaState, MemoryPlan, forward_rows
-from agent_runtime.models.llama.model import LlamaModel
+from agent_runtime.models.llama.model import VECTOR_ROWS, LlamaModel
 from agent_runtime.models.llama.tokenizer import ChatTokenizer
 from memory import MemoryBank
 
@@ -130,7 +130,7 @@ class LlamaChatModel:
         dtype = str(self.model.dtype).removeprefix("torch.")
         vector = self.model.vector_dtype
         if vector is not None:
-            dtype += f", one-token steps in {str(vector).removeprefix('torch.')}"
+            dtype += f", decode steps of up to {VECTOR_ROWS} rows in {str(vector).removeprefix('torch.')}"
         return (
             f"{cfg.model_type} {self.weights_id} ({self.model.num_params() / 1e6:.0f}M parameters, "
             f"{dtype}, "
