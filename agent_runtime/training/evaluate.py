@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--threads", type=int, default=0)
     pretrained = parser.add_argument_group(
-        "pretrained decoders (recall only; see agent_runtime.training.chat_eval)"
+        "pretrained decoders (recall and ppl; see agent_runtime.training.chat_eval)"
     )
     pretrained.add_argument(
         "--model", default="", help="registry name, GGUF file or model directory to evaluate"
