@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from agent_runtime import cli
+from agent_runtime.config import DEFAULT_MODEL
 from agent_runtime.errors import CheckpointError, StorageError
 from agent_runtime.models.llama import registry
 from agent_runtime.models.llama.adapter import Adapter, merge_adapter, read_adapter, write_adapter
@@ -58,6 +59,9 @@ def test_list_shows_each_model_and_whether_it_is_cached(
     assert row.split()[1:6] == ["98", "MB", "Apache-2.0", "not", "cached"]
     assert row.endswith(str(tmp_path / "env-data" / "models" / NAME))  # the env var's data dir
     assert "SmolLM2" in out  # the description
+    default = out.split("\n" + DEFAULT_MODEL + " ", 1)[1].splitlines()[1]
+    assert "what `agent-runtime serve` serves when no --model is given" in default
+    assert out.count("serves when no --model") == 1
 
     data = tmp_path / "data"
     fake_cache(data, converter=registry.CONVERTER_VERSION - 1)  # by an older converter

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from agent_runtime.config import ENV_PREFIX, StoreConfig
+from agent_runtime.config import DEFAULT_MODEL, ENV_PREFIX, StoreConfig
 from agent_runtime.errors import AgentRuntimeError, CheckpointError, StorageError
 from agent_runtime.files import atomic_write, fsync_dir, locked
 
@@ -443,5 +443,6 @@ def main(argv: list[str] | None = None) -> int:
         size = _dir_size(target) if cached else entry.size
         status = "cached" if cached else "not cached"
         print(f"{entry.name:<24} {size / 1e6:>5.0f} MB  {entry.license:<11} {status:<10} {target}")
-        print(f"  {entry.description}")
+        default = " (what `agent-runtime serve` serves when no --model is given)"
+        print(f"  {entry.description}{default if entry.name == DEFAULT_MODEL else ''}")
     return 0
