@@ -147,7 +147,7 @@ class EngineConfig:
     dtype: str = "float32"
     """Weights and activations of a pretrained decoder: ``float32``, ``bfloat16`` or ``float16``."""
     vector_dtype: str = "auto"
-    """A second copy of a pretrained decoder's weights for decode steps of up to 4 sessions (read row by row), where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16`` (these two on a CPU only)."""
+    """A second copy of a pretrained decoder's weights for steps of at most 4 rows (up to 4 sessions decoding, short prefill chunks), read row by row, where half precision is faster on a CPU: ``auto`` (``float16`` on a CPU with ``dtype`` float32, else none), ``none``, ``float16`` or ``bfloat16`` (these two on a CPU only)."""
     memory_layers: str = "auto"
     """Layers of a pretrained decoder that read and write the kNN memory: ``auto`` (the upper 80 %: 6-29 of SmolLM2's 30), ``all``, ``none``, or indices and ranges (``4,8,12``, ``15-29``)."""
     memory_window: int = 512
@@ -183,7 +183,7 @@ class EngineConfig:
         ConfigError.check_non_negative("engine.torch_threads", self.torch_threads)
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise ConfigError("engine.checkpoint", self.checkpoint, "no such file")
-        if self.checkpoint and self.model not in ("", BUNDLED_MODEL):
+        if self.checkpoint and self.model and not self._bundled():
             raise ConfigError(
                 "engine.model",
                 self.model,
@@ -225,9 +225,12 @@ class EngineConfig:
     def pretrained(self) -> str:
         """The pretrained decoder to serve (a registry name, file or directory), or ``""`` for
         the byte model (``engine.checkpoint``'s, else the bundled one)."""
-        if self.model == BUNDLED_MODEL or (not self.model and self.checkpoint):
+        if self._bundled() or (not self.model and self.checkpoint):
             return ""
         return self.model or DEFAULT_MODEL
+
+    def _bundled(self) -> bool:
+        return self.model.strip().lower() == BUNDLED_MODEL
 
     def memory_layer_indices(self, num_layers: int | None) -> tuple[int, ...]:
         """``memory_layers`` as indices (``num_layers`` None: syntax check only)."""

@@ -5,8 +5,8 @@ waits for it, yields a :class:`ServerProcess`, and on exit stops the server grac
 (SIGTERM, then SIGKILL after a timeout) and closes every pipe and file it opened.
 
 These servers run the bundled byte model (``--model bundled``) unless their arguments or
-environment name a model or a checkpoint: they measure and test the serving, not a model, and
-the byte model needs no download.
+environment name a model, a checkpoint or a config file: they measure and test the serving,
+not a model, and the byte model needs no download.
 """
 
 from __future__ import annotations
@@ -63,16 +63,18 @@ class ServerProcess:
 
 
 def _model_args(args: Sequence[str], env: dict[str, str] | None, model: str | None) -> list[str]:
-    """``--model MODEL`` unless ``args`` or ``env`` choose the model (see the module doc)."""
+    """``--model MODEL`` unless ``args`` or ``env`` choose the model or name a config file
+    (which may; a flag would override it: see the module doc)."""
     if model is None or any(a.split("=", 1)[0] in _MODEL_FLAGS for a in args):
         return []
     environ = os.environ if env is None else env
-    if any(environ.get(f"AGENT_RUNTIME_ENGINE_{name}") for name in ("MODEL", "CHECKPOINT")):
+    if any(environ.get(f"AGENT_RUNTIME_{name}") for name in _MODEL_ENV):
         return []
     return ["--model", model]
 
 
-_MODEL_FLAGS = frozenset({"--model", "--engine-model", "--engine-checkpoint"})
+_MODEL_FLAGS = frozenset({"--model", "--engine-model", "--engine-checkpoint", "--config"})
+_MODEL_ENV = ("ENGINE_MODEL", "ENGINE_CHECKPOINT", "CONFIG")
 
 
 def start_server(

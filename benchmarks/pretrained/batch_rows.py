@@ -3,7 +3,7 @@ rows or fewer, the default) against float32 matrix products for every batch (``V
 = 1, the behaviour before), side by side in one process, their timed rounds alternating.
 
     python benchmarks/pretrained/batch_rows.py --model smollm2-135m-recall --batches 1,2,3,4,6,8 \\
-        --bank-sizes 0,16k --json benchmarks/pretrained/batch_rows.json
+        --bank-sizes 0,16k --split --json benchmarks/pretrained/batch_rows.json
 
 Prints aggregate tokens/s per batch size for both settings (and the ratio of the new to the
 old), and the ratio of each batch's tokens/s to one session's; ``--split`` also prints where a

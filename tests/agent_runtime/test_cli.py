@@ -99,3 +99,24 @@ def test_every_command_prints_its_help(
     out = capsys.readouterr()
     assert code in (0, None), (command, out.err[-2000:])
     assert "usage:" in out.out and "Traceback" not in out.err
+
+
+def test_test_and_bench_servers_serve_the_byte_model_unless_told_otherwise() -> None:
+    """``start_server`` adds ``--model bundled`` only when neither its arguments nor its
+    environment choose a model, a checkpoint or a config file (which could name one)."""
+    from agent_runtime.bench.launch import _model_args
+
+    assert _model_args([], {}, "bundled") == ["--model", "bundled"]
+    assert _model_args(["--port", "0"], {}, None) == []  # serve's own default
+    for args in (
+        ["--model", "x"],
+        ["--model=x"],
+        ["--engine-model=x"],
+        ["--engine-checkpoint", "c.pt"],
+        ["--config", "c.toml"],
+        ["--config=c.toml"],
+    ):
+        assert _model_args(args, {}, "bundled") == [], args
+    for name in ("ENGINE_MODEL", "ENGINE_CHECKPOINT", "CONFIG"):
+        assert _model_args([], {f"AGENT_RUNTIME_{name}": "x"}, "bundled") == [], name
+    assert _model_args([], {"AGENT_RUNTIME_ENGINE_MODEL": ""}, "bundled") == ["--model", "bundled"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runtime.config import add_arguments, load_config, markdown_table, redacted
+from agent_runtime.config import EngineConfig, add_arguments, load_config, markdown_table, redacted
 from agent_runtime.errors import ConfigError
 
 
@@ -144,3 +144,31 @@ def test_vector_weights_default_to_float16_only_for_a_float32_model_on_a_cpu() -
     assert EngineConfig(dtype="bfloat16", vector_dtype="bfloat16").vector_weights() is None
     EngineConfig(device="cuda", vector_dtype="auto").validate()  # auto and none stay valid
     EngineConfig(device="cuda:1", vector_dtype="none").validate()
+
+
+@pytest.mark.parametrize(
+    ("model", "checkpoint", "served"),
+    [
+        ("", "", "smollm2-135m-recall"),  # the default: the pretrained chat model
+        ("", "ckpt.pt", ""),  # a byte-model checkpoint alone serves that byte model
+        ("bundled", "", ""),  # the bundled byte model
+        ("Bundled ", "ckpt.pt", ""),  # the byte model's checkpoint, named either way
+        ("smollm2-135m-instruct", "", "smollm2-135m-instruct"),
+        ("./model.gguf", "", "./model.gguf"),
+    ],
+)
+def test_which_model_serve_serves(tmp_path: Path, model: str, checkpoint: str, served: str) -> None:
+    """``engine.pretrained()``: the pretrained decoder ``serve`` loads, or "" for a byte model."""
+    if checkpoint:
+        checkpoint = str(tmp_path / checkpoint)
+        Path(checkpoint).write_bytes(b"x")
+    engine = EngineConfig(model=model, checkpoint=checkpoint)
+    engine.validate()
+    assert engine.pretrained() == served
+
+
+def test_a_checkpoint_with_a_pretrained_model_is_refused_by_name(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ckpt.pt"
+    checkpoint.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"engine\.model.*--model bundled or no model"):
+        EngineConfig(model="smollm2-135m-recall", checkpoint=str(checkpoint)).validate()

@@ -350,23 +350,53 @@ def test_steps_of_few_rows_use_the_half_precision_copy_and_larger_ones_the_weigh
         torch.testing.assert_close(fast(one), b, atol=0, rtol=0)
 
 
-def test_a_few_sessions_batched_get_exactly_the_logits_each_gets_alone() -> None:
-    """Up to ``VECTOR_ROWS`` one-token rows are computed row by row through the half-precision
-    copies, each exactly as a step of one session: batching a few sessions together changes
-    neither their logits nor their sampled tokens (bitwise)."""
-    from agent_runtime.models.llama.model import VECTOR_ROWS
+@pytest.mark.parametrize("sessions", [2, 3, 4])
+def test_a_few_sessions_batched_get_exactly_the_logits_each_gets_alone(sessions: int) -> None:
+    """Up to ``VECTOR_ROWS`` sessions decoding together (the serving path: ``decode`` with
+    their own windows and banks) are computed row by row through the half-precision copies,
+    each exactly as a step of one session: their logits are bitwise those of each alone; a
+    row whose half-precision product overflows falls back to full precision on its own."""
+    from agent_runtime.models.llama.family import tiny_random
+    from agent_runtime.models.llama.model import VECTOR_ROWS, Linear
+    from memory import MemoryBank, MemoryConfig
 
-    cfg = LlamaConfig.from_hf({**BASE, "model_type": "llama", "tie_word_embeddings": True})
-    torch.manual_seed(2)
-    model = LlamaModel(cfg).eval()
-    model.use_vector_weights(torch.float16)
-    rows = torch.randint(0, VOCAB, (VECTOR_ROWS, 1))
+    assert sessions <= VECTOR_ROWS
+    chat = tiny_random(3)
+    chat.model.use_vector_weights(torch.float16)
+
+    def fresh() -> tuple[list[Any], list[MemoryBank]]:
+        states, banks = [], []
+        for i in range(sessions):
+            bank = MemoryBank(*chat.memory_dims, MemoryConfig(), parts=chat.memory_parts)
+            state = chat.new_state()
+            chat.prefill(
+                state, chat.encode_turn("user", f"my code is {4711 + i} " * (3 + 2 * i)), bank
+            )
+            states.append(state)
+            banks.append(bank)
+        return states, banks
+
     with torch.no_grad():
-        together = model(rows)
-        for i in range(VECTOR_ROWS):
-            torch.testing.assert_close(together[i : i + 1], model(rows[i : i + 1]), atol=0, rtol=0)
-        plain = LlamaModel.from_state_dict(cfg, model.state_dict())
-        assert not torch.equal(together, plain(rows))  # it did read the half copies
+        tokens = [11, 7, 13, 17][:sessions]
+        states, banks = fresh()
+        together, _ = chat.decode(states, tokens, banks)
+        states, banks = fresh()
+        for i in range(sessions):
+            alone, _ = chat.decode([states[i]], [tokens[i]], [banks[i]])
+            torch.testing.assert_close(together[i : i + 1], alone, atol=0, rtol=0)
+        plain = LlamaModel.from_state_dict(chat.model.cfg, chat.model.state_dict())
+        rows = torch.tensor([[11], [13]])
+        assert not torch.equal(chat.model(rows), plain(rows))  # it did read the half copies
+        # a row whose half-precision product overflows falls back alone; the others do not
+        layer = Linear(4, 2, bias=True)
+        layer.weight.fill_(1.0)
+        layer.vector_weight = layer.weight.detach().half()
+        x = torch.tensor([[[0.1234, 0.5678, 0.9012, 0.3456]], [[3e4] * 4], [[0.5, -0.1, 0.2, 0.3]]])
+        y = layer(x)
+        for i in range(3):
+            torch.testing.assert_close(y[i : i + 1], layer(x[i : i + 1]), atol=0, rtol=0)
+        torch.testing.assert_close(y[1], torch.full((1, 2), 1.2e5) + layer.bias)  # full precision
+        assert not torch.equal(y[0], torch.nn.functional.linear(x[0], layer.weight, layer.bias))
 
 
 @pytest.mark.parametrize("bias", [False, True])

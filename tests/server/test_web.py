@@ -6,8 +6,8 @@ A missing browser fails these tests with the reason: it is never skipped silentl
 
 ``AGENT_RUNTIME_WEB_SCREENSHOT=docs/web-page.png pytest tests/server/test_web.py -k resumes`` also saves a
 screenshot of the page after its first exchange; the reply then comes from the model
-``agent-runtime serve`` would load (the bundled checkpoint when there is one) instead of the
-tiny test model, so the picture shows a real answer.
+``agent-runtime serve`` would load (by default ``smollm2-135m-recall``, pulled into
+``./agent-runtime-data`` on first use) instead of the tiny test model, so the picture shows a real answer.
 """
 
 from __future__ import annotations

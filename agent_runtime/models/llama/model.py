@@ -16,8 +16,8 @@ converter (GGUF) can produce a state dict that :meth:`LlamaModel.from_state_dict
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -153,29 +153,43 @@ by one (docs/models.md, "Batching few sessions"). Each row is computed exactly a
 one session computes it: a session's logits do not depend on what is batched with it."""
 
 
-def _few_rows(x: Tensor) -> bool:
-    """Whether x (..., features) has at most :data:`VECTOR_ROWS` rows."""
-    return x.numel() <= VECTOR_ROWS * x.shape[-1]
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _by_rows(step: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``step`` of x (..., features) computed on each row alone, as a (1, 1, features) step of
+    one session, when x has 2 to :data:`VECTOR_ROWS` rows and so reads the half-precision
+    copies (each row also falls back to full precision on its own); None otherwise. The rows'
+    results (a tensor or a tuple of tensors, each (1, 1, ...)) are stitched back to x's
+    leading shape."""
+    if not 1 < _rows(x) <= VECTOR_ROWS:
+        return None
+    lead = x.shape[:-1]
+    outs = [step(row) for row in x.reshape(-1, 1, 1, x.shape[-1])]
+    if isinstance(outs[0], tuple):
+        return tuple(
+            torch.cat(parts).view(*lead, *parts[0].shape[2:]) for parts in zip(*outs, strict=True)
+        )
+    return torch.cat(outs).view(*lead, *outs[0].shape[2:])
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, vector: Tensor | None) -> Tensor:
-    if vector is not None and _few_rows(x):
-        y = _one_row(x, vector, bias)
-        if y is not None:
-            return y
+    if vector is not None:
+        rows = _by_rows(lambda row: _linear(row, weight, bias, vector), x)
+        if rows is not None:
+            return cast(Tensor, rows)
+        if _rows(x) == 1:
+            y = _one_row(x, vector, bias)
+            if y is not None:
+                return y
     return F.linear(x, weight, bias)
 
 
 def _one_row(x: Tensor, vector: Tensor, bias: Tensor | None) -> Tensor | None:
-    """``x @ vector.T (+ bias)`` in ``vector``'s dtype, back in x's, one matrix-vector product
-    per row of x (each row as a one-row step computes it); None if it overflowed."""
-    features = x.shape[-1]
-    if x.numel() == features:
-        y = F.linear(x.to(vector.dtype), vector)
-    else:
-        rows = x.reshape(-1, 1, 1, features).to(vector.dtype)
-        y = torch.cat([F.linear(row, vector) for row in rows]).view(*x.shape[:-1], -1)
-    y = y.to(x.dtype)
+    """``x @ vector.T (+ bias)`` for a one-row x, in ``vector``'s dtype, back in x's; None if it
+    overflowed."""
+    y = F.linear(x.to(vector.dtype), vector).to(x.dtype)
     if not math.isfinite(float(y.sum())):  # an inf or NaN anywhere makes the sum one (one pass)
         return None
     return y if bias is None else y + bias
@@ -225,7 +239,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fused = self.vector_gate_up
-        if fused is not None and _few_rows(x):
+        rows = None if fused is None else _by_rows(self.forward, x)
+        if rows is not None:
+            return cast(Tensor, rows)
+        if fused is not None and _rows(x) == 1:
             both = _one_row(x, *fused)
             if both is not None:
                 gate, up = both.chunk(2, dim=-1)
@@ -252,9 +269,12 @@ class DecoderLayer(nn.Module):
     def attention_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pre-RoPE q (B, T, H, D), k and v (B, T, H_kv, D) of the layer input x (B, T, hidden)."""
         B, T, _ = x.shape
-        h = self.input_layernorm(x)
         a = self.self_attn
-        if a.vector_qkv is not None and _few_rows(h):
+        rows = None if a.vector_qkv is None else _by_rows(self.attention_inputs, x)
+        if rows is not None:
+            return cast(tuple[Tensor, Tensor, Tensor], rows)
+        h = self.input_layernorm(x)
+        if a.vector_qkv is not None and _rows(h) == 1:
             qkv = _one_row(h, *a.vector_qkv)
             if qkv is not None:
                 q, k, v = torch.split(qkv, list(a.sizes), dim=-1)
