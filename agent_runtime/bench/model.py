@@ -180,17 +180,19 @@ def _step_split() -> Iterator[defaultdict[str, float]]:
             setattr(owner, name, original)
 
 
-def _split_rates(chat: Any, bank: Any, steps: int, rounds: int) -> dict[str, float]:
-    """Milliseconds per decode step of one session in each part (``other``: the rest), over
-    ``rounds`` rounds of ``steps`` steps (rewound after each, as the timed rounds are)."""
-    states = [_full_window_state(chat, len(bank), 0)]
-    chat.decode(states, [11], [bank])  # warm-up
+def _split_rates(chat: Any, banks: list[Any], steps: int, rounds: int) -> dict[str, float]:
+    """Milliseconds per decode step of ``len(banks)`` sessions decoded together in each part
+    (``other``: the rest), over ``rounds`` rounds of ``steps`` steps (rewound after each, as
+    the timed rounds are)."""
+    states = [_full_window_state(chat, len(bank), i) for i, bank in enumerate(banks)]
+    tokens = [11] * len(banks)
+    chat.decode(states, tokens, banks)  # warm-up
     total = 0.0
     with _step_split() as spent:
         for _ in range(rounds):
             began = time.perf_counter()
             for _ in range(steps):
-                chat.decode(states, [11], [bank])
+                chat.decode(states, tokens, banks)
             total += time.perf_counter() - began
             _rewind(states, steps)
     steps *= rounds
@@ -484,7 +486,7 @@ def _time_dtypes(args: argparse.Namespace, chats: list[Any], out: dict[str, Any]
                 print(f"decode, {label(dtype)}{index} ({kind}), bank {size:>7}: {rate:7.2f} "
                       "tok/s", file=sys.stderr, flush=True)  # fmt: skip
             if args.profile:
-                split = _split_rates(chats[0], bank, steps, args.repeats)
+                split = _split_rates(chats[0], [bank], steps, args.repeats)
                 out.setdefault("step_split_ms", []).append(
                     {"dtype": args.dtype[0], "index": index, "bank_entries": size, **split}
                 )

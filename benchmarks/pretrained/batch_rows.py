@@ -57,21 +57,6 @@ def _rates(
     return [statistics.median(rates[s]) for s in settings]
 
 
-def _split(chat: Any, banks: list[Any], steps: int) -> dict[str, float]:
-    """Milliseconds per step in each part (the default setting), and the whole step."""
-    states = [bench._full_window_state(chat, len(b), i) for i, b in enumerate(banks)]
-    chat.decode(states, [11] * len(banks), banks)  # warm-up
-    with bench._step_split() as spent:
-        started = time.perf_counter()
-        for _ in range(steps):
-            chat.decode(states, [11] * len(banks), banks)
-        step = (time.perf_counter() - started) / steps
-    out = {part: round(spent.get(part, 0.0) * 1e3 / steps, 1) for part in bench.SPLIT_PARTS}
-    out["other"] = round(step * 1e3 - sum(v for k, v in out.items() if k != "other"), 1)
-    out["step"] = round(step * 1e3, 1)
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-recall")
@@ -100,7 +85,10 @@ def main() -> int:
                 "before_vs_one_session": old / base[1],
             }  # fmt: skip
             if args.split:
-                row["step_split_ms"] = _split(chat, banks, args.steps)
+                row["step_split_ms"] = {
+                    k: round(v, 1)
+                    for k, v in bench._split_rates(chat, banks, args.steps, 1).items()
+                }
             rows.append(row)
             print(
                 f"bank {size:>6}, {b} sessions: {new:6.2f} tok/s (before {old:6.2f}: {new / old:.2f}x);"
